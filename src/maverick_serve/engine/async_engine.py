@@ -1,0 +1,113 @@
+"""Async streaming over any `Engine`: a background thread steps the engine, asyncio callers
+receive per-request deltas. Thread-safety comes from routing every engine call through the loop
+thread's command queue, so the engine itself stays single-threaded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from maverick_serve.engine.base import Engine
+from maverick_serve.engine.types import EngineRequest, EngineStats, RequestOutput
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (crash or shutdown); in-flight requests cannot finish."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[Callable[[], Any]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._lock = threading.Lock()
+        self._idle_wait_s = idle_wait_s
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody listens
+                loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                timeout = 0.0 if self.engine.has_unfinished_requests() else self._idle_wait_s
+                try:
+                    cmd = self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
+                    cmd()
+                    while True:
+                        self._commands.get_nowait()()
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+        except BaseException as exc:  # surface the crash to every waiting caller
+            self._error = exc
+            with self._lock:
+                ids = list(self._streams)
+            for rid in ids:
+                self._deliver(rid, EngineDeadError(f"engine loop stopped: {exc!r}"))
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._error is not None or self._stopped.is_set():
+            raise EngineDeadError(f"engine loop stopped: {self._error!r}")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(fut.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(fut.set_result, result)
+
+        self._commands.put(run)
+        return await fut
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream deltas until the finished one. Cancelling the iterator aborts the request."""
+        q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            if request.request_id in self._streams:
+                raise ValueError(f"request id {request.request_id!r} is already in flight")
+            self._streams[request.request_id] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            await self._call(lambda: self.engine.add_request(request))
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished and self._error is None and not self._stopped.is_set():
+                self._commands.put(lambda: self.engine.abort(request.request_id))
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(lambda: self.engine.abort(request_id))
+
+    async def stats(self) -> EngineStats:
+        result: EngineStats = await self._call(self.engine.stats)
+        return result
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=timeout_s)

@@ -1,0 +1,287 @@
+"""The native engine: our scheduler, paged KV cache and Llama 4 model in one process.
+
+It runs on CPU and CUDA through the same code (`EngineConfig.device`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.model import ModelSpec
+from maverick_serve.engine.base import Engine
+from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager
+from maverick_serve.engine.runner import ModelRunner
+from maverick_serve.engine.sampler import sample_token
+from maverick_serve.engine.scheduler import ScheduledChunk, Scheduler
+from maverick_serve.engine.sequence import Sequence, Status
+from maverick_serve.engine.types import (
+    EngineRequest,
+    EngineStats,
+    InvalidRequestError,
+    RequestOutput,
+    Usage,
+)
+from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVCache
+from maverick_serve.model.checkpoint import load_model, torch_dtype
+from maverick_serve.model.llama4 import Llama4Model
+
+_RATE_WINDOW_S = 10.0
+
+
+def plan_kv_blocks(spec: ModelSpec, cfg: EngineConfig) -> dict[str, int]:
+    """Blocks per layer group. The chunked group never needs more than one chunk plus one step's
+    tokens per sequence, so it is capped there and the rest of the memory goes to global layers."""
+    if cfg.num_kv_blocks is not None:
+        return {g: cfg.num_kv_blocks for g in GROUPS}
+    t = spec.text
+    elem = torch.tensor([], dtype=torch_dtype(cfg.dtype)).element_size()
+    per_block_layer = 2 * t.num_key_value_heads * t.head_dim * cfg.block_size * elem
+    bytes_chunked = per_block_layer * len(t.chunked_layers)
+    bytes_global = per_block_layer * len(t.global_layers)
+    budget = int(cfg.kv_cache_memory_gib * 1024**3)
+    per_seq = (t.attention_chunk_size + cfg.max_num_batched_tokens) // cfg.block_size + 2
+    n_chunked = min(cfg.max_num_seqs * per_seq, budget // max(1, bytes_chunked + bytes_global))
+    n_chunked = max(n_chunked, per_seq)
+    n_global = (budget - n_chunked * bytes_chunked) // max(1, bytes_global)
+    if n_global < per_seq:
+        raise ValueError(
+            f"engine.kv_cache_memory_gib={cfg.kv_cache_memory_gib} is too small: it holds {n_global} "
+            f"global-layer blocks, fewer than one sequence needs ({per_seq})"
+        )
+    return {CHUNKED_GROUP: n_chunked, GLOBAL_GROUP: int(n_global)}
+
+
+class NativeEngine(Engine):
+    def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.tokenizer = tokenizer
+        self.config = config
+        t = self.spec.text
+        blocks = plan_kv_blocks(self.spec, config)
+        self.kv = KVCacheManager(blocks, config.block_size, t.attention_chunk_size, config.enable_prefix_caching)
+        self.cache = PagedKVCache(t, blocks, config.block_size, torch_dtype(config.dtype), model.device)
+        self.runner = ModelRunner(model, self.cache, self.kv)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        limit = config.max_model_len or t.max_position_embeddings
+        self.max_model_len = min(limit, t.max_position_embeddings, blocks[GLOBAL_GROUP] * config.block_size)
+        self.seqs: dict[str, Sequence] = {}
+        self._aborted: list[RequestOutput] = []
+        self._prompt_tokens_total = 0
+        self._generated_total = 0
+        self._steps = 0
+        self._rates: deque[tuple[float, int, int]] = deque()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, config: EngineConfig | None = None) -> NativeEngine:
+        config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model = load_model(Path(model_dir), dtype=torch_dtype(config.dtype), device=config.device)
+        tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        return cls(model, tokenizer, config)
+
+    # ---- requests -------------------------------------------------------------------------
+    def validate(self, request: EngineRequest) -> int:
+        """Check a request against every limit; returns its max_tokens."""
+        t = self.spec.text
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequestError("prompt", "the prompt is empty")
+        bad = next((tok for tok in prompt if not 0 <= tok < t.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt", f"token id {bad} is outside the vocabulary (0..{t.vocab_size - 1})",
+                                      t.vocab_size)
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt",
+                f"the prompt has {len(prompt)} tokens; the context limit is {self.max_model_len} tokens "
+                "including at least one generated token",
+                self.max_model_len,
+            )
+        request.sampling.validate_against(self.config.max_logprobs, t.vocab_size)
+        room = self.max_model_len - len(prompt)
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is not None and max_tokens > room:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"max_tokens={max_tokens} exceeds the context left: {self.max_model_len} - {len(prompt)} "
+                f"prompt tokens = {room}",
+                room,
+            )
+        if len(request.images) > self.config.max_images_per_request:
+            raise InvalidRequestError(
+                "images", f"{len(request.images)} images; at most {self.config.max_images_per_request} per request",
+                self.config.max_images_per_request,
+            )
+        if request.images and not self.spec.is_multimodal:
+            raise InvalidRequestError("images", "this model is text-only and cannot take images", 0)
+        n_patch = sum(tok == self.spec.image_token_index for tok in prompt)
+        n_feat = sum(img.num_patch_tokens for img in request.images)
+        if n_patch != n_feat:
+            raise InvalidRequestError(
+                "images", f"the prompt has {n_patch} image patch tokens but the images provide {n_feat}"
+            )
+        return max_tokens if max_tokens is not None else room
+
+    def add_request(self, request: EngineRequest) -> None:
+        if request.request_id in self.seqs:
+            raise InvalidRequestError("request_id", f"request id {request.request_id!r} is already in flight")
+        max_tokens = self.validate(request)
+        prompt = request.prompt_token_ids
+        patch = torch.tensor([i for i, tok in enumerate(prompt) if tok == self.spec.image_token_index],
+                             dtype=torch.long)
+        spans: list[tuple[int, int, str]] = []
+        offset = 0
+        for img in request.images:
+            start = int(patch[offset])
+            end = int(patch[offset + img.num_patch_tokens - 1]) + 1
+            spans.append((start, end, img.content_hash))
+            offset += img.num_patch_tokens
+        params = request.sampling
+        eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.spec.text.eos_token_ids))
+        seed = params.seed if params.seed is not None else None
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if gen is None and params.temperature > 0:
+            gen = torch.Generator().manual_seed(self.config.seed + self._prompt_tokens_total)
+        request.arrival_time = request.arrival_time or time.monotonic()
+        seq = Sequence(request=request, max_tokens=max_tokens, eos_ids=eos, generator=gen,
+                       patch_positions=patch, image_spans=spans)
+        self.seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+        self._prompt_tokens_total += len(prompt)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return
+        seq.finish_reason = "abort"
+        self._finish(seq)
+        self._aborted.append(self._delta(seq, [], ""))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return outputs
+        logits = self.runner.execute(chunks)
+        self._steps += 1
+        row = 0
+        prefill_tokens = generated = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed = chunk.end
+            self.kv.register_full_blocks(seq.blocks, seq.update_block_hashes(self.kv.block_size), seq.num_computed)
+            self.kv.release_finished_chunks(seq.blocks, seq.num_computed)
+            ModelRunner.drop_image_features_if_done(seq)
+            # A decode step computes the previously sampled token; everything else is prompt.
+            prefill_tokens += chunk.num_tokens - (1 if seq.output_ids and chunk.samples else 0)
+            if not chunk.samples:
+                continue
+            token, logprob = sample_token(logits[row], seq.request.sampling, seq.generator)
+            row += 1
+            generated += 1
+            outputs.append(self._append_token(seq, token, logprob))
+        self._record_rate(prefill_tokens, generated)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: object) -> RequestOutput:
+        seq.output_ids.append(token)
+        self._generated_total += 1
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)  # type: ignore[arg-type]
+        params = seq.request.sampling
+        if token in seq.eos_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        text_ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
+        seq.text = self.tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
+        for stop in params.stop:
+            idx = seq.text.find(stop, max(0, seq.emitted_text_len - len(stop) + 1))
+            if idx != -1:
+                seq.text = seq.text[:idx]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                break
+        if seq.finish_reason is None and (
+            len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self._finish(seq)
+            emit_upto = len(seq.text)
+        else:
+            # Hold back an incomplete UTF-8 character and anything that may start a stop string.
+            hold = max((len(s) - 1 for s in params.stop), default=0)
+            emit_upto = len(seq.text) - hold
+            while emit_upto > seq.emitted_text_len and seq.text[emit_upto - 1] == "\ufffd":
+                emit_upto -= 1
+        delta = seq.text[seq.emitted_text_len : max(emit_upto, seq.emitted_text_len)]
+        seq.emitted_text_len = max(emit_upto, seq.emitted_text_len)
+        new_ids = seq.output_ids[seq.num_emitted_tokens :]
+        seq.num_emitted_tokens = len(seq.output_ids)
+        return self._delta(seq, new_ids, delta)
+
+    def _delta(self, seq: Sequence, new_ids: list[int], text: str) -> RequestOutput:
+        logprobs, seq.pending_logprobs = (seq.pending_logprobs or None), []
+        finished = seq.status is Status.FINISHED
+        usage = Usage(seq.prompt_len, len(seq.output_ids), seq.num_cached_prompt) if finished else None
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, text_delta=text, finished=finished,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage, logprobs=logprobs,
+        )
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        seq.status = Status.FINISHED
+        seq.image_features = None
+        self.seqs.pop(seq.request_id, None)
+
+    def _record_rate(self, prefill: int, decode: int) -> None:
+        now = time.monotonic()
+        self._rates.append((now, prefill, decode))
+        while self._rates and now - self._rates[0][0] > _RATE_WINDOW_S:
+            self._rates.popleft()
+
+    # ---- introspection --------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        span = (self._rates[-1][0] - self._rates[0][0]) if len(self._rates) > 1 else 0.0
+        prefill = sum(p for _, p, _ in self._rates)
+        decode = sum(d for _, _, d in self._rates)
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total={g: p.num_blocks for g, p in self.kv.pools.items()},
+            kv_blocks_used={g: p.num_used for g, p in self.kv.pools.items()},
+            kv_blocks_free={g: p.num_free for g, p in self.kv.pools.items()},
+            prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generated_tokens_total=self._generated_total,
+            prefill_tokens_per_s=prefill / span if span else 0.0,
+            decode_tokens_per_s=decode / span if span else 0.0,
+            steps_total=self._steps,
+            preemptions_total=self.scheduler.preemptions,
+        )
+
+    def score(self, request: EngineRequest) -> torch.Tensor:
+        """Logits [prompt_len, vocab] of every prompt position in one forward (tests, prompt logprobs)."""
+        self.validate(request)
+        self.add_request(request)
+        seq = self.seqs[request.request_id]
+        self.scheduler.waiting.remove(seq)
+        try:
+            if not self.kv.can_allocate(seq.blocks, 0, seq.prompt_len):
+                raise InvalidRequestError("prompt", "not enough free KV blocks to score this prompt in one pass")
+            self.kv.allocate(seq.blocks, 0, seq.prompt_len)
+            return self.runner.execute([ScheduledChunk(seq, 0, seq.prompt_len)], all_logits=True)
+        finally:
+            self.kv.free(seq.blocks)
+            self.seqs.pop(request.request_id, None)

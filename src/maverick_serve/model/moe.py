@@ -1,0 +1,107 @@
+"""Llama 4 MoE feed-forward: top-k sigmoid router, shared expert, routed experts behind a seam.
+
+The routed experts are reached through `ExpertExecutor` so the expert-parallel tier can move
+them off the engine replica (to other GPUs or hosts) without touching the model code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from maverick_serve.config.model import TextSpec
+from maverick_serve.model.layers import FeedForward
+
+
+class ExpertExecutor(ABC):
+    """Runs the routed experts of one MoE layer.
+
+    Contract:
+    - `run_experts(tokens, expert_ids)` is called once per MoE layer per forward step, from the
+      engine's forward pass, synchronously; it may block on remote workers.
+    - `tokens` [N, hidden] are already scaled by their router weight; `expert_ids` [N] are in
+      [0, num_experts). The result is [N, hidden] in the same row order, on `tokens`' device and
+      dtype. N may be 0.
+    - The result for a row depends only on that row and its expert (no cross-row effects), so
+      outputs are identical however tokens are batched or sharded.
+    """
+
+    @abstractmethod
+    def run_experts(self, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalExperts(nn.Module, ExpertExecutor):
+    """All routed experts of a layer in this process, in the fused Hugging Face layout.
+
+    gate_up_proj: [E, hidden, 2 * inter]; down_proj: [E, inter, hidden]. Tokens are grouped by
+    expert and each group runs as one matmul (a grouped GEMM done as a loop over non-empty groups).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, hidden, 2 * intermediate))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, intermediate, hidden))
+
+    def run_experts(self, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return grouped_expert_forward(tokens, expert_ids, self.gate_up_proj, self.down_proj)
+
+
+def grouped_expert_forward(
+    tokens: torch.Tensor,
+    expert_ids: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    """SwiGLU experts over rows grouped by expert. `expert_offset` maps global ids to local rows."""
+    out = torch.empty_like(tokens)
+    if tokens.shape[0] == 0:
+        return out
+    order = torch.argsort(expert_ids, stable=True)
+    sorted_ids = expert_ids[order]
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    sorted_tokens = tokens[order]
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        rows = sorted_tokens[start : start + count]
+        gate_up = rows @ gate_up_proj[expert - expert_offset]
+        gate, up = gate_up.chunk(2, dim=-1)
+        out[order[start : start + count]] = (up * nn.functional.silu(gate)) @ down_proj[expert - expert_offset]
+        start += count
+    return out
+
+
+class Router(nn.Module):
+    def __init__(self, spec: TextSpec) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(spec.num_local_experts, spec.hidden_size))
+        self.top_k = spec.num_experts_per_tok
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (scores [N, k] = sigmoid of the chosen logits, expert ids [N, k])."""
+        logits = nn.functional.linear(x, self.weight)
+        top_values, top_ids = torch.topk(logits, self.top_k, dim=1)
+        return torch.sigmoid(top_values.float()).to(x.dtype), top_ids
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, spec: TextSpec) -> None:
+        super().__init__()
+        self.router = Router(spec)
+        self.shared_expert = FeedForward(spec.hidden_size, spec.intermediate_size)
+        self.experts: ExpertExecutor = LocalExperts(
+            spec.num_local_experts, spec.hidden_size, spec.intermediate_size
+        )
+        self.top_k = spec.num_experts_per_tok
+        self.last_expert_ids: torch.Tensor | None = None  # read by load statistics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, expert_ids = self.router(x)
+        self.last_expert_ids = expert_ids
+        routed_in = x.repeat_interleave(self.top_k, dim=0) * scores.reshape(-1, 1)
+        routed_out = self.experts.run_experts(routed_in, expert_ids.reshape(-1))
+        out = self.shared_expert(x)
+        return out + routed_out.view(x.shape[0], self.top_k, -1).sum(dim=1)
