@@ -315,7 +315,7 @@ class ModelSpec(BaseModel):
         if self.architecture == TEXT_ARCH and self.vision is not None:
             raise ModelConfigError("Llama4ForCausalLM is text-only: drop vision_config")
         for name in ("boi_token_index", "eoi_token_index", "image_token_index"):
-            if getattr(self, name) >= self.text.vocab_size:
+            if self.vision is not None and getattr(self, name) >= self.text.vocab_size:
                 raise ModelConfigError(f"{name}={getattr(self, name)} is not below vocab_size")
         return self
 
