@@ -20,15 +20,20 @@ EXPERT = "language_model.model.layers.1.feed_forward.experts"
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path: Path, tiny_model: Path) -> None:
     # A separate process, so nothing cached in this one can make the files agree.
-    code = ("from pathlib import Path; from maverick_serve.config import preset; "
-            "from maverick_serve.model.make_model import make_model; "
-            f"make_model(preset('tiny'), Path({str(tmp_path / 'again')!r}), seed=1234, text_only_variant=True)")
+    code = (
+        "from pathlib import Path; from maverick_serve.config import preset; "
+        "from maverick_serve.model.make_model import make_model; "
+        f"make_model(preset('tiny'), Path({str(tmp_path / 'again')!r}), seed=1234, text_only_variant=True)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert _digest(tmp_path / "again") == _digest(tiny_model)
     make_model(preset("tiny"), tmp_path / "other", seed=1235)
@@ -50,13 +55,22 @@ def test_checkpoint_files_and_names(tiny_model: Path) -> None:
         "multi_modal_projector.linear_1.weight",
     ]:
         assert expected in names
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-              "generation_config.json", "text-only/config.json", "text-only/model.safetensors"]:
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+        "text-only/config.json",
+        "text-only/model.safetensors",
+    ]:
         assert (tiny_model / f).is_file(), f
     text_names = set(load_file(str(tiny_model / "text-only" / "model.safetensors")))
     assert "model.embed_tokens.weight" in text_names and "lm_head.weight" in text_names
     assert not any(n.startswith("vision_model") for n in text_names)
-    assert json.loads((tiny_model / "text-only" / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
+    assert json.loads((tiny_model / "text-only" / "config.json").read_text())["architectures"] == [
+        "Llama4ForCausalLM"
+    ]
 
 
 def _copy_with(tiny_model: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -70,14 +84,18 @@ def _copy_with(tiny_model: Path, dst: Path, tensors: dict[str, torch.Tensor]) ->
 def test_missing_tensor_is_named(tiny_model: Path, tmp_path: Path) -> None:
     state = load_file(str(tiny_model / "model.safetensors"))
     del state["language_model.model.layers.5.self_attn.k_proj.weight"]
-    with pytest.raises(CheckpointError, match=r"missing tensors: \['language_model.model.layers.5.self_attn.k_proj"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors: \['language_model.model.layers.5.self_attn.k_proj"
+    ):
         load_model(_copy_with(tiny_model, tmp_path / "m", state))
 
 
 def test_wrong_shape_names_tensor_and_both_shapes(tiny_model: Path, tmp_path: Path) -> None:
     state = load_file(str(tiny_model / "model.safetensors"))
     state["language_model.model.norm.weight"] = torch.ones(255)
-    with pytest.raises(CheckpointError, match=r"language_model.model.norm.weight has shape \(255,\) .* expects \(256,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"language_model.model.norm.weight has shape \(255,\) .* expects \(256,\)"
+    ):
         load_model(_copy_with(tiny_model, tmp_path / "m", state))
 
 
@@ -140,5 +158,5 @@ def test_bf16_load(tiny_model: Path) -> None:
 
 def test_no_weights(tmp_path: Path, tiny_model: Path) -> None:
     (tmp_path / "config.json").write_bytes((tiny_model / "config.json").read_bytes())
-    with pytest.raises(CheckpointError, match="no \\*.safetensors weights"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights"):
         load_model(tmp_path)

@@ -26,7 +26,9 @@ def _engine(path: Path, **kw: object) -> NativeEngine:
     return NativeEngine.from_pretrained(path, EngineConfig(**cfg))
 
 
-def _drain(engine: NativeEngine, arrivals: dict[int, list[EngineRequest]] | None = None) -> dict[str, list[RequestOutput]]:
+def _drain(
+    engine: NativeEngine, arrivals: dict[int, list[EngineRequest]] | None = None
+) -> dict[str, list[RequestOutput]]:
     arrivals = dict(arrivals or {})
     outs: dict[str, list[RequestOutput]] = {}
     step = 0
@@ -46,18 +48,22 @@ def _tokens(outs: list[RequestOutput]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hf_text(tiny_model: Path) -> torch.nn.Module:
-    return transformers.Llama4ForCausalLM.from_pretrained(tiny_model / "text-only", dtype=torch.float32).eval()
+    return transformers.Llama4ForCausalLM.from_pretrained(
+        tiny_model / "text-only", dtype=torch.float32
+    ).eval()
 
 
 def _hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
-def test_continuous_batching_with_chunked_prefill_matches_transformers(tiny_model: Path,
-                                                                        hf_text: torch.nn.Module) -> None:
+def test_continuous_batching_with_chunked_prefill_matches_transformers(
+    tiny_model: Path, hf_text: torch.nn.Module
+) -> None:
     engine = _engine(tiny_model)
     lengths = [5, 70, 130, 33, 200, 17]
     prompts = [_prompt(n, i) for i, n in enumerate(lengths)]
@@ -87,7 +93,9 @@ def test_prefix_cache_hit_gives_cold_tokens(tiny_model: Path) -> None:
     assert _tokens(other) != _tokens(cold)
 
 
-def _drain_one(engine: NativeEngine, rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> list[RequestOutput]:
+def _drain_one(
+    engine: NativeEngine, rid: str, prompt: list[int], params: SamplingParams = GREEDY
+) -> list[RequestOutput]:
     engine.add_request(EngineRequest(rid, prompt, params.model_copy()))
     return _drain(engine)[rid]
 
@@ -121,8 +129,12 @@ def test_rope_layers_keep_one_chunk_nope_layers_keep_prefix(tiny_model: Path) ->
 
 def test_long_prompt_tokens_match_with_retention(tiny_model: Path, hf_text: torch.nn.Module) -> None:
     p = _prompt(10 * 64 + 5, 3)
-    outs = _drain_one(_engine(tiny_model, max_num_batched_tokens=96), "x", p,
-                      SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    outs = _drain_one(
+        _engine(tiny_model, max_num_batched_tokens=96),
+        "x",
+        p,
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+    )
     assert _tokens(outs) == _hf_greedy(hf_text, p, 8)
 
 
@@ -155,14 +167,24 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model: Path)
 def test_top_k_one_equals_greedy(tiny_model: Path) -> None:
     p = _prompt(30, 9)
     greedy = _tokens(_drain_one(_engine(tiny_model), "g", p))
-    topk = _tokens(_drain_one(_engine(tiny_model), "k", p,
-                              SamplingParams(temperature=1.5, top_k=1, seed=1, max_tokens=24, ignore_eos=True)))
+    topk = _tokens(
+        _drain_one(
+            _engine(tiny_model),
+            "k",
+            p,
+            SamplingParams(temperature=1.5, top_k=1, seed=1, max_tokens=24, ignore_eos=True),
+        )
+    )
     assert topk == greedy
 
 
 def test_logprobs(tiny_model: Path) -> None:
-    outs = _drain_one(_engine(tiny_model), "l", _prompt(20, 1),
-                      SamplingParams(temperature=0, max_tokens=3, logprobs=5, ignore_eos=True))
+    outs = _drain_one(
+        _engine(tiny_model),
+        "l",
+        _prompt(20, 1),
+        SamplingParams(temperature=0, max_tokens=3, logprobs=5, ignore_eos=True),
+    )
     lps = [lp for o in outs for lp in (o.logprobs or [])]
     assert len(lps) == 3
     for lp in lps:
@@ -181,7 +203,9 @@ def test_stop_string_and_stop_token(tiny_model: Path) -> None:
     cut = _drain_one(engine, "s", p, GREEDY.model_copy(update={"stop": [stop]}))
     assert "".join(o.text_delta for o in cut) == text[: text.find(stop)]
     assert cut[-1].finish_reason == "stop" and cut[-1].stop_reason == stop
-    by_id = _drain_one(engine, "t", p, GREEDY.model_copy(update={"stop_token_ids": [tokens[3]], "ignore_eos": False}))
+    by_id = _drain_one(
+        engine, "t", p, GREEDY.model_copy(update={"stop_token_ids": [tokens[3]], "ignore_eos": False})
+    )
     assert _tokens(by_id) == tokens[: tokens.index(tokens[3]) + 1]
     assert by_id[-1].stop_reason == tokens[3]
 

@@ -33,14 +33,22 @@ def setup(tiny_model: Path) -> tuple[NativeEngine, InputProcessor]:
 
 
 def _chat(n_images: int) -> list[dict]:
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": "What is in the picture?"}]
+    content = [{"type": "image"} for _ in range(n_images)] + [
+        {"type": "text", "text": "What is in the picture?"}
+    ]
     return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
 
 
-def test_image_request_matches_transformers_greedy(setup: tuple[NativeEngine, InputProcessor], tiny_model: Path) -> None:
+def test_image_request_matches_transformers_greedy(
+    setup: tuple[NativeEngine, InputProcessor], tiny_model: Path
+) -> None:
     engine, proc = setup
-    req = proc.build_chat("img", _chat(2), [_png(500, 300, 1), _png(336, 336, 2)],
-                          SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    req = proc.build_chat(
+        "img",
+        _chat(2),
+        [_png(500, 300, 1), _png(336, 336, 2)],
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    )
     # 500x300 → a 1x2 grid + global tile: 3 tiles; 336x336 → 1 tile.
     assert [img.pixel_values.shape[0] for img in req.images] == [3, 1]
     assert sum(t == engine.spec.image_token_index for t in req.prompt_token_ids) == 4 * 144
@@ -52,12 +60,20 @@ def test_image_request_matches_transformers_greedy(setup: tuple[NativeEngine, In
     hf = transformers.Llama4ForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
     pixels = torch.cat([img.pixel_values for img in req.images])
     with torch.no_grad():
-        ref = hf.generate(input_ids=torch.tensor([req.prompt_token_ids]), pixel_values=pixels, max_new_tokens=12,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert tokens == ref[0, len(req.prompt_token_ids):].tolist()
+        ref = hf.generate(
+            input_ids=torch.tensor([req.prompt_token_ids]),
+            pixel_values=pixels,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert tokens == ref[0, len(req.prompt_token_ids) :].tolist()
 
 
-def test_same_image_reuses_prefix_cache_different_image_does_not(setup: tuple[NativeEngine, InputProcessor]) -> None:
+def test_same_image_reuses_prefix_cache_different_image_does_not(
+    setup: tuple[NativeEngine, InputProcessor],
+) -> None:
     engine, proc = setup
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
 
@@ -87,8 +103,9 @@ def test_same_image_reuses_prefix_cache_different_image_does_not(setup: tuple[Na
         ([_png(40, 40, i) for i in range(9)], "images.max_images_per_request", "8"),
     ],
 )
-def test_bad_images_refused(setup: tuple[NativeEngine, InputProcessor], images: list[bytes], field: str,
-                            needle: str) -> None:
+def test_bad_images_refused(
+    setup: tuple[NativeEngine, InputProcessor], images: list[bytes], field: str, needle: str
+) -> None:
     _, proc = setup
     with pytest.raises(InvalidRequestError, match=needle) as err:
         proc.build_chat("bad", _chat(len(images)), images)

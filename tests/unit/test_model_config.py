@@ -87,7 +87,7 @@ def test_unknown_architecture(tmp_path: Path) -> None:
 
 
 def test_missing_config(tmp_path: Path) -> None:
-    with pytest.raises(ModelConfigError, match="config.json not found"):
+    with pytest.raises(ModelConfigError, match=r"config\.json not found"):
         ModelSpec.from_pretrained_dir(tmp_path)
 
 

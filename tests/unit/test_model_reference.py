@@ -25,7 +25,9 @@ def _prompt(n: int, seed: int) -> list[int]:
 def hf_models(tiny_models: dict[str, Path]) -> dict[str, torch.nn.Module]:
     out = {}
     for name, path in tiny_models.items():
-        out[name] = transformers.Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        out[name] = transformers.Llama4ForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32
+        ).eval()
         out[name + "/text"] = transformers.Llama4ForCausalLM.from_pretrained(
             path / "text-only", dtype=torch.float32
         ).eval()
@@ -82,9 +84,15 @@ def test_multimodal_logits_match_transformers(
     ours = NativeEngine.from_pretrained(tiny_models["tiny"], EngineConfig(kv_cache_memory_gib=0.05))
     patch = ours.spec.image_token_index
     pixels = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(5))
-    ids = _prompt(20, 1) + [ours.spec.boi_token_index] + [patch] * 144 + _prompt(10, 2) + [patch] * 144 + [
-        ours.spec.eoi_token_index
-    ] + _prompt(30, 3)
+    ids = (
+        _prompt(20, 1)
+        + [ours.spec.boi_token_index]
+        + [patch] * 144
+        + _prompt(10, 2)
+        + [patch] * 144
+        + [ours.spec.eoi_token_index]
+        + _prompt(30, 3)
+    )
     image = ImageInput(pixel_values=pixels, num_patch_tokens=288, content_hash="x")
     logits = ours.score(EngineRequest("mm", ids, images=[image]))
     with torch.no_grad():

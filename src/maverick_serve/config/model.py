@@ -10,36 +10,70 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TEXT_ARCH = "Llama4ForCausalLM"
-MULTIMODAL_ARCH = "Llama4ForConditionalGeneration"
+TEXT_ARCH: Final = "Llama4ForCausalLM"
+MULTIMODAL_ARCH: Final = "Llama4ForConditionalGeneration"
 
 # Keys present in real Llama 4 configs that do not change inference.
 _IGNORED_TEXT_KEYS = frozenset(
     {
-        "model_type", "initializer_range", "use_cache", "attention_dropout", "output_router_logits",
-        "router_aux_loss_coef", "router_jitter_noise", "torch_dtype", "dtype", "for_llm_compressor",
-        "interleave_moe_layer_step", "no_rope_layer_interval", "layer_types", "cache_implementation",
-        "transformers_version", "architectures", "_name_or_path", "tie_word_embeddings",
-        "output_attentions", "output_hidden_states", "return_dict", "pretraining_tp",
+        "model_type",
+        "initializer_range",
+        "use_cache",
+        "attention_dropout",
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
+        "torch_dtype",
+        "dtype",
+        "for_llm_compressor",
+        "interleave_moe_layer_step",
+        "no_rope_layer_interval",
+        "layer_types",
+        "cache_implementation",
+        "transformers_version",
+        "architectures",
+        "_name_or_path",
+        "tie_word_embeddings",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "pretraining_tp",
     }
 )
 _IGNORED_VISION_KEYS = frozenset(
     {
-        "model_type", "initializer_range", "attention_dropout", "projector_dropout",
-        "vision_feature_layer", "vision_feature_select_strategy", "torch_dtype", "dtype",
-        "transformers_version", "_name_or_path", "output_attentions", "output_hidden_states",
+        "model_type",
+        "initializer_range",
+        "attention_dropout",
+        "projector_dropout",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "_name_or_path",
+        "output_attentions",
+        "output_hidden_states",
         "return_dict",
     }
 )
 _IGNORED_TOP_KEYS = frozenset(
     {
-        "model_type", "torch_dtype", "dtype", "transformers_version", "tie_word_embeddings",
-        "_name_or_path", "quantization_config", "output_attentions", "output_hidden_states",
-        "return_dict", "pad_token_id",
+        "model_type",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "tie_word_embeddings",
+        "_name_or_path",
+        "quantization_config",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "pad_token_id",
     }
 )
 
@@ -56,7 +90,9 @@ class RopeScaling(BaseModel):
     rope_type: Literal["llama3"] = Field("llama3", description="Only the llama3 scheme is used by Llama 4.")
     factor: float = Field(16.0, gt=0, description="Divisor applied to low frequencies.")
     low_freq_factor: float = Field(1.0, gt=0, description="Wavelength threshold factor for low frequencies.")
-    high_freq_factor: float = Field(1.0, gt=0, description="Wavelength threshold factor for high frequencies.")
+    high_freq_factor: float = Field(
+        1.0, gt=0, description="Wavelength threshold factor for high frequencies."
+    )
     original_max_position_embeddings: int = Field(8192, gt=0, description="Pre-training context length.")
 
 
@@ -67,7 +103,9 @@ class TextSpec(BaseModel):
 
     vocab_size: int = Field(202048, gt=0, description="Rows of the embedding and LM head.")
     hidden_size: int = Field(5120, gt=0, description="Residual stream width.")
-    intermediate_size: int = Field(8192, gt=0, description="Width of each routed expert and the shared expert.")
+    intermediate_size: int = Field(
+        8192, gt=0, description="Width of each routed expert and the shared expert."
+    )
     intermediate_size_mlp: int = Field(16384, gt=0, description="Width of the dense FFN layers.")
     num_hidden_layers: int = Field(48, gt=0, description="Decoder layers.")
     num_attention_heads: int = Field(40, gt=0, description="Query heads.")
@@ -86,14 +124,18 @@ class TextSpec(BaseModel):
         tuple(int((i + 1) % 4 != 0) for i in range(48)),
         description="Per layer: 1 = RoPE + chunked attention, 0 = NoPE global attention.",
     )
-    attention_chunk_size: int = Field(8192, gt=0, description="Block-diagonal attention chunk of RoPE layers.")
+    attention_chunk_size: int = Field(
+        8192, gt=0, description="Block-diagonal attention chunk of RoPE layers."
+    )
     use_qk_norm: bool = Field(False, description="Parameter-free L2 norm of q and k on RoPE layers.")
     attn_temperature_tuning: bool = Field(True, description="Scale NoPE-layer queries with position.")
     floor_scale: int = Field(8192, gt=0, description="Temperature tuning: positions per step.")
     attn_scale: float = Field(0.1, description="Temperature tuning: strength.")
     max_position_embeddings: int = Field(1048576, gt=0, description="Longest context the model supports.")
     bos_token_id: int = Field(200000, ge=0, description="<|begin_of_text|>.")
-    eos_token_ids: tuple[int, ...] = Field((200001, 200007, 200008), description="Tokens that end generation.")
+    eos_token_ids: tuple[int, ...] = Field(
+        (200001, 200007, 200008), description="Tokens that end generation."
+    )
     pad_token_id: int = Field(200018, ge=0, description="<|finetune_right_pad|>.")
     attention_bias: Literal[False] = Field(False, description="Llama 4 attention has no biases.")
 
@@ -338,10 +380,18 @@ class ModelSpec(BaseModel):
             raise ModelConfigError(
                 f"architectures={archs!r} is unsupported (expected {MULTIMODAL_ARCH} or {TEXT_ARCH})"
             )
-        unknown = set(cfg) - _IGNORED_TOP_KEYS - {
-            "architectures", "text_config", "vision_config", "boi_token_index", "eoi_token_index",
-            "image_token_index",
-        }
+        unknown = (
+            set(cfg)
+            - _IGNORED_TOP_KEYS
+            - {
+                "architectures",
+                "text_config",
+                "vision_config",
+                "boi_token_index",
+                "eoi_token_index",
+                "image_token_index",
+            }
+        )
         if unknown:
             raise ModelConfigError(f"config fields {sorted(unknown)} are not supported Llama 4 fields")
         if "text_config" not in cfg or "vision_config" not in cfg:

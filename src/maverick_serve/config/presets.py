@@ -116,8 +116,9 @@ def tiny_qknorm() -> ModelSpec:
     """Scout-flavoured tiny model: QK L2-norm and llama3 RoPE scaling on."""
     return _tiny(
         use_qk_norm=True,
-        rope_scaling=RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                 original_max_position_embeddings=128),
+        rope_scaling=RopeScaling(
+            factor=16.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=128
+        ),
     )
 
 

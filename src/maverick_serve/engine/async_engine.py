@@ -23,7 +23,9 @@ class AsyncEngine:
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
         self._commands: queue.Queue[Callable[[], Any]] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._streams: dict[
+            str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]
+        ] = {}
         self._lock = threading.Lock()
         self._idle_wait_s = idle_wait_s
         self._stopped = threading.Event()

@@ -55,8 +55,11 @@ def image_config(spec: ModelSpec, cfg: EngineConfig) -> ImageProcessingConfig:
     vision = spec.vision
     geometry: dict[str, Any] = {}
     if vision is not None:
-        geometry = {"tile_size": vision.image_size, "patch_size": vision.patch_size,
-                    "pixel_shuffle_ratio": vision.pixel_shuffle_ratio}
+        geometry = {
+            "tile_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "pixel_shuffle_ratio": vision.pixel_shuffle_ratio,
+        }
     return ImageProcessingConfig(
         **geometry,
         max_image_bytes=cfg.max_image_bytes,
@@ -66,8 +69,13 @@ def image_config(spec: ModelSpec, cfg: EngineConfig) -> ImageProcessingConfig:
 
 
 class InputProcessor:
-    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, config: EngineConfig,
-                 chat_template: str = LLAMA4_CHAT_TEMPLATE) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        chat_template: str = LLAMA4_CHAT_TEMPLATE,
+    ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.special = special_ids_from_tokenizer(tokenizer)
@@ -87,17 +95,21 @@ class InputProcessor:
 
     def process_images(self, images: list[bytes]) -> list[ProcessedImage]:
         if images and not self.spec.is_multimodal:
-            raise InvalidRequestError("images", "this model is text-only (Llama4ForCausalLM) and takes no images", 0)
+            raise InvalidRequestError(
+                "images", "this model is text-only (Llama4ForCausalLM) and takes no images", 0
+            )
         try:
             check_image_count(len(images), self.image_cfg)
             return [preprocess_image(decode_image(data, self.image_cfg), self.image_cfg) for data in images]
         except ImageInputError as exc:
-            raise InvalidRequestError(f"images.{exc.field}" if exc.field != "image" else "images", str(exc),
-                                      exc.limit) from exc
+            raise InvalidRequestError(
+                f"images.{exc.field}" if exc.field != "image" else "images", str(exc), exc.limit
+            ) from exc
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        text = render_chat_prompt(messages, add_generation_prompt=add_generation_prompt,
-                                  chat_template=self.chat_template)
+        text = render_chat_prompt(
+            messages, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template
+        )
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def expand_images(self, token_ids: list[int], images: list[ProcessedImage]) -> list[int]:
@@ -105,14 +117,17 @@ class InputProcessor:
         placeholders = sum(t == self.special.image for t in token_ids)
         if placeholders != len(images):
             raise InvalidRequestError(
-                "images", f"the prompt has {placeholders} image placeholders but {len(images)} images were given"
+                "images",
+                f"the prompt has {placeholders} image placeholders but {len(images)} images were given",
             )
         out: list[int] = []
         it = iter(images)
         for t in token_ids:
             if t == self.special.image:
                 img = next(it)
-                out.extend(image_prompt_token_ids(img.aspect_ratio, self.image_cfg.tokens_per_tile, self.special))
+                out.extend(
+                    image_prompt_token_ids(img.aspect_ratio, self.image_cfg.tokens_per_tile, self.special)
+                )
             else:
                 out.append(t)
         return out

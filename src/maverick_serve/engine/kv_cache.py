@@ -111,7 +111,8 @@ class KVCacheManager:
     ) -> None:
         if chunk_size % block_size:
             raise ValueError(
-                f"engine.block_size ({block_size}) must divide the model's attention_chunk_size ({chunk_size})"
+                f"engine.block_size ({block_size}) must divide the model's "
+                f"attention_chunk_size ({chunk_size})"
             )
         self.block_size = block_size
         self.chunk_size = chunk_size
@@ -171,9 +172,7 @@ class KVCacheManager:
         for group in GROUPS:
             table = tables.tables[group]
             first = self._first_needed_block(group, query_start)
-            need[group] = sum(
-                1 for b in range(first, last) if b >= len(table) or table[b] is None
-            )
+            need[group] = sum(1 for b in range(first, last) if b >= len(table) or table[b] is None)
         return need
 
     def can_allocate(self, tables: BlockTables, query_start: int, end: int) -> bool:

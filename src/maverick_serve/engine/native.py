@@ -65,7 +65,9 @@ class NativeEngine(Engine):
         self.config = config
         t = self.spec.text
         blocks = plan_kv_blocks(self.spec, config)
-        self.kv = KVCacheManager(blocks, config.block_size, t.attention_chunk_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            blocks, config.block_size, t.attention_chunk_size, config.enable_prefix_caching
+        )
         self.cache = PagedKVCache(t, blocks, config.block_size, torch_dtype(config.dtype), model.device)
         self.runner = ModelRunner(model, self.cache, self.kv)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
@@ -96,8 +98,9 @@ class NativeEngine(Engine):
             raise InvalidRequestError("prompt", "the prompt is empty")
         bad = next((tok for tok in prompt if not 0 <= tok < t.vocab_size), None)
         if bad is not None:
-            raise InvalidRequestError("prompt", f"token id {bad} is outside the vocabulary (0..{t.vocab_size - 1})",
-                                      t.vocab_size)
+            raise InvalidRequestError(
+                "prompt", f"token id {bad} is outside the vocabulary (0..{t.vocab_size - 1})", t.vocab_size
+            )
         if len(prompt) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt",
@@ -117,7 +120,8 @@ class NativeEngine(Engine):
             )
         if len(request.images) > self.config.max_images_per_request:
             raise InvalidRequestError(
-                "images", f"{len(request.images)} images; at most {self.config.max_images_per_request} per request",
+                "images",
+                f"{len(request.images)} images; at most {self.config.max_images_per_request} per request",
                 self.config.max_images_per_request,
             )
         if request.images and not self.spec.is_multimodal:
@@ -135,8 +139,9 @@ class NativeEngine(Engine):
             raise InvalidRequestError("request_id", f"request id {request.request_id!r} is already in flight")
         max_tokens = self.validate(request)
         prompt = request.prompt_token_ids
-        patch = torch.tensor([i for i, tok in enumerate(prompt) if tok == self.spec.image_token_index],
-                             dtype=torch.long)
+        patch = torch.tensor(
+            [i for i, tok in enumerate(prompt) if tok == self.spec.image_token_index], dtype=torch.long
+        )
         spans: list[tuple[int, int, str]] = []
         offset = 0
         for img in request.images:
@@ -145,14 +150,22 @@ class NativeEngine(Engine):
             spans.append((start, end, img.content_hash))
             offset += img.num_patch_tokens
         params = request.sampling
-        eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.spec.text.eos_token_ids))
+        eos = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.spec.text.eos_token_ids)
+        )
         seed = params.seed if params.seed is not None else None
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         if gen is None and params.temperature > 0:
             gen = torch.Generator().manual_seed(self.config.seed + self._prompt_tokens_total)
         request.arrival_time = request.arrival_time or time.monotonic()
-        seq = Sequence(request=request, max_tokens=max_tokens, eos_ids=eos, generator=gen,
-                       patch_positions=patch, image_spans=spans)
+        seq = Sequence(
+            request=request,
+            max_tokens=max_tokens,
+            eos_ids=eos,
+            generator=gen,
+            patch_positions=patch,
+            image_spans=spans,
+        )
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
         self._prompt_tokens_total += len(prompt)
@@ -181,7 +194,9 @@ class NativeEngine(Engine):
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
-            self.kv.register_full_blocks(seq.blocks, seq.update_block_hashes(self.kv.block_size), seq.num_computed)
+            self.kv.register_full_blocks(
+                seq.blocks, seq.update_block_hashes(self.kv.block_size), seq.num_computed
+            )
             self.kv.release_finished_chunks(seq.blocks, seq.num_computed)
             ModelRunner.drop_image_features_if_done(seq)
             # A decode step computes the previously sampled token; everything else is prompt.
@@ -235,8 +250,14 @@ class NativeEngine(Engine):
         finished = seq.status is Status.FINISHED
         usage = Usage(seq.prompt_len, len(seq.output_ids), seq.num_cached_prompt) if finished else None
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=new_ids, text_delta=text, finished=finished,
-            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage, logprobs=logprobs,
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            text_delta=text,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            usage=usage,
+            logprobs=logprobs,
         )
 
     def _finish(self, seq: Sequence) -> None:
@@ -279,7 +300,9 @@ class NativeEngine(Engine):
         self.scheduler.waiting.remove(seq)
         try:
             if not self.kv.can_allocate(seq.blocks, 0, seq.prompt_len):
-                raise InvalidRequestError("prompt", "not enough free KV blocks to score this prompt in one pass")
+                raise InvalidRequestError(
+                    "prompt", "not enough free KV blocks to score this prompt in one pass"
+                )
             self.kv.allocate(seq.blocks, 0, seq.prompt_len)
             return self.runner.execute([ScheduledChunk(seq, 0, seq.prompt_len)], all_logits=True)
         finally:

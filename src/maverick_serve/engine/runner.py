@@ -45,9 +45,9 @@ class ModelRunner:
         rows = seq.patch_positions[lo:hi] - chunk.start + row_offset
         return rows, seq.image_features[lo:hi]
 
-    def build_batch(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> tuple[ForwardBatch, torch.Tensor,
-                                                                                              list[tuple[torch.Tensor,
-                                                                                                         torch.Tensor]]]:
+    def build_batch(
+        self, chunks: list[ScheduledChunk], all_logits: bool = False
+    ) -> tuple[ForwardBatch, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         pad_index: list[torch.Tensor] = []
@@ -116,6 +116,6 @@ class ModelRunner:
 
     @staticmethod
     def drop_image_features_if_done(seq: Sequence) -> None:
-        if seq.image_features is not None and seq.patch_positions.numel():
-            if seq.num_computed > int(seq.patch_positions[-1]):
-                seq.image_features = None
+        done = seq.patch_positions.numel() and seq.num_computed > int(seq.patch_positions[-1])
+        if seq.image_features is not None and done:
+            seq.image_features = None

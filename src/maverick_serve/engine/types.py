@@ -36,9 +36,13 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, description="Keep the k most likely tokens; 0 or -1 disables.")
     seed: int | None = Field(None, description="Seed of this request's sampler.")
     stop: list[str] = Field(default_factory=list, description="Strings that end generation (not returned).")
-    stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end generation.")
+    stop_token_ids: list[int] = Field(
+        default_factory=list, description="Extra token ids that end generation."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
-    logprobs: int | None = Field(None, description="Return this many top logprobs per token (0 = only the chosen).")
+    logprobs: int | None = Field(
+        None, description="Return this many top logprobs per token (0 = only the chosen)."
+    )
     skip_special_tokens: bool = Field(True, description="Drop special tokens from the text.")
 
     def validate_against(self, max_logprobs: int, vocab_size: int) -> None:
@@ -52,12 +56,17 @@ class SamplingParams(BaseModel):
             raise InvalidRequestError("top_k", f"top_k must be -1, 0 (off) or ≥ 1, got {self.top_k}", -1)
         if self.logprobs is not None and not (0 <= self.logprobs <= max_logprobs):
             raise InvalidRequestError(
-                "logprobs", f"logprobs must be between 0 and {max_logprobs}, got {self.logprobs}", max_logprobs
+                "logprobs",
+                f"logprobs must be between 0 and {max_logprobs}, got {self.logprobs}",
+                max_logprobs,
             )
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
-            raise InvalidRequestError("stop_token_ids", f"stop_token_ids {bad} are outside the vocabulary "
-                                      f"(0..{vocab_size - 1})", vocab_size)
+            raise InvalidRequestError(
+                "stop_token_ids",
+                f"stop_token_ids {bad} are outside the vocabulary (0..{vocab_size - 1})",
+                vocab_size,
+            )
 
 
 @dataclass
@@ -120,7 +129,9 @@ class EngineStats(BaseModel):
     waiting: int = Field(0, description="Requests queued for admission.")
     kv_blocks_total: dict[str, int] = Field(default_factory=dict, description="Blocks per layer group.")
     kv_blocks_used: dict[str, int] = Field(default_factory=dict, description="Blocks held by requests.")
-    kv_blocks_free: dict[str, int] = Field(default_factory=dict, description="Blocks free or cached-evictable.")
+    kv_blocks_free: dict[str, int] = Field(
+        default_factory=dict, description="Blocks free or cached-evictable."
+    )
     prefix_cache_hit_tokens: int = Field(0, description="Prompt tokens served from the prefix cache, total.")
     prompt_tokens_total: int = Field(0, description="Prompt tokens admitted, total.")
     generated_tokens_total: int = Field(0, description="Tokens generated, total.")

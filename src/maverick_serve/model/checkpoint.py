@@ -126,7 +126,9 @@ def load_model(
     unexpected = sorted(n for n in set(state) - set(expected) if not n.startswith(skip_prefixes))
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"checkpoint {model_dir} has tensors this model does not use: {unexpected[:5]}{more}")
+        raise CheckpointError(
+            f"checkpoint {model_dir} has tensors this model does not use: {unexpected[:5]}{more}"
+        )
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise CheckpointError(

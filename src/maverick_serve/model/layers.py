@@ -71,7 +71,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """Returns complex frequencies [T, head_dim/2] for absolute positions [T]."""
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
+        inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
+        freqs = positions[:, None].float() * inv_freq.to(positions.device)
         return torch.polar(torch.ones_like(freqs), freqs)
 
 

@@ -115,7 +115,9 @@ def make_model(spec: ModelSpec, out: Path, seed: int, text_only_variant: bool = 
     _write_checkpoint(out, spec, state)
     written = [out]
     if text_only_variant:
-        text_state = {n.removeprefix("language_model."): t for n, t in state.items() if n.startswith("language_model.")}
+        text_state = {
+            n.removeprefix("language_model."): t for n, t in state.items() if n.startswith("language_model.")
+        }
         _write_checkpoint(out / TEXT_ONLY_SUBDIR, spec.text_only(), text_state)
         written.append(out / TEXT_ONLY_SUBDIR)
     return written

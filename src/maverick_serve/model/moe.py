@@ -69,7 +69,9 @@ def grouped_expert_forward(
         rows = sorted_tokens[start : start + count]
         gate_up = rows @ gate_up_proj[expert - expert_offset]
         gate, up = gate_up.chunk(2, dim=-1)
-        out[order[start : start + count]] = (up * nn.functional.silu(gate)) @ down_proj[expert - expert_offset]
+        out[order[start : start + count]] = (up * nn.functional.silu(gate)) @ down_proj[
+            expert - expert_offset
+        ]
         start += count
     return out
 

@@ -1,0 +1,174 @@
+"""`maverick-serve` command line: make-model, bench, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.model import ModelConfigError, ModelSpec
+from maverick_serve.config.presets import PRESETS, preset
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--batch-sizes must be comma-separated integers, got {text!r}"
+        ) from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"--batch-sizes must be integers ≥ 1, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from maverick_serve.model.make_model import make_model
+
+    spec = preset(args.preset)
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        raise CLIError(f"--out {args.out} is not empty (pass --force to overwrite)")
+    written = make_model(spec, args.out, seed=args.seed, text_only_variant=args.text_only)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.engine_bench import bench_native, format_table, text_only_dir
+    from maverick_serve.bench.vllm_cpu import (
+        VLLM_UNAVAILABLE_MESSAGE,
+        VllmBenchError,
+        find_vllm_python,
+        run_vllm_cpu_bench,
+    )
+
+    model = args.model
+    if not (model / "config.json").is_file():
+        raise CLIError(f"--model {model} has no config.json (make one with `maverick-serve make-model`)")
+    config = EngineConfig(
+        device=args.device, dtype=args.dtype, kv_cache_memory_gib=args.kv_gib, num_threads=args.threads
+    )
+    print(
+        f"benchmarking maverick-serve native on {model} "
+        f"(prompt {args.prompt_len}, decode {args.decode_tokens}, batches {args.batch_sizes}) ...",
+        flush=True,
+    )
+    ours = bench_native(model, args.prompt_len, args.decode_tokens, args.batch_sizes, config, args.repeats)
+    theirs = None
+    why = ""
+    python = find_vllm_python(args.vllm_python)
+    text_dir = text_only_dir(model)
+    if args.skip_vllm:
+        why = "skipped (--skip-vllm)"
+    elif python is None:
+        why = VLLM_UNAVAILABLE_MESSAGE
+    elif text_dir is None:
+        why = (
+            f"{model} is multimodal and has no text-only/ twin; vllm-cpu serves Llama4ForCausalLM only "
+            "(make-model --text-only writes one)"
+        )
+    else:
+        print(f"benchmarking vllm-cpu on {text_dir} with {python} ...", flush=True)
+        try:
+            res = run_vllm_cpu_bench(
+                text_dir,
+                args.prompt_len,
+                args.decode_tokens,
+                args.batch_sizes,
+                python,
+                timeout_s=args.vllm_timeout,
+                threads=args.threads,
+                dtype=args.dtype,
+                repeats=args.repeats,
+            )
+            from maverick_serve.bench.engine_bench import EngineFigures
+
+            theirs = EngineFigures(
+                f"vllm-cpu {res.version}",
+                res.prefill_tokens_per_s,
+                res.decode_tokens_per_s,
+                res.peak_rss_mib,
+                [res.notes] if res.notes else [],
+            )
+        except VllmBenchError as exc:
+            why = f"failed: {exc}"
+    print(format_table(ours, theirs, args.batch_sizes, why))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    spec = ModelSpec.from_pretrained_dir(args.model) if args.model else preset(args.preset)
+    print(json.dumps(spec.to_hf() if args.hf else spec.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maverick-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-model", help="write a tiny random Llama 4 checkpoint in Hugging Face format")
+    mk.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (default tiny)")
+    mk.add_argument("--out", type=Path, required=True, help="output folder")
+    mk.add_argument("--seed", type=int, default=0, help="weights seed; same seed ⇒ identical files")
+    mk.add_argument(
+        "--text-only",
+        action="store_true",
+        help="also write the Llama4ForCausalLM variant to OUT/text-only (for vllm-cpu)",
+    )
+    mk.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    mk.set_defaults(func=cmd_make_model)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
+        dest="bench", required=True
+    )
+    be = bench.add_parser(
+        "engine", help="native engine vs vllm-cpu: prefill, decode at batch sizes, peak RSS"
+    )
+    be.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    be.add_argument("--prompt-len", type=_positive, default=128)
+    be.add_argument("--decode-tokens", type=_positive, default=32)
+    be.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 8, 32])
+    be.add_argument("--repeats", type=_positive, default=3)
+    be.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    be.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    be.add_argument("--kv-gib", type=float, default=1.0, help="KV cache memory of our engine")
+    be.add_argument("--threads", type=_positive, default=None, help="CPU threads for both engines")
+    be.add_argument("--vllm-python", type=Path, default=None, help="python of the vllm-cpu venv")
+    be.add_argument("--vllm-timeout", type=float, default=900.0)
+    be.add_argument("--skip-vllm", action="store_true")
+    be.set_defaults(func=cmd_bench_engine)
+
+    cfg = sub.add_parser("config", help="inspect model configs").add_subparsers(dest="config", required=True)
+    show = cfg.add_parser("show", help="print a preset's or a checkpoint's model spec")
+    show.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    show.add_argument("--model", type=Path, default=None, help="read config.json from this folder instead")
+    show.add_argument("--hf", action="store_true", help="print as Hugging Face config.json")
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CLIError, ModelConfigError, ValueError) as exc:
+        print(f"maverick-serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
