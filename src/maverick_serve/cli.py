@@ -110,6 +110,55 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MODEL_CACHE = Path(".cache/models")
+
+
+def default_tiny_model(seed: int = 0) -> Path:
+    """The tiny checkpoint under the ignored cache folder, built from its seed on first use."""
+    from maverick_serve.model.make_model import make_model
+
+    path = DEFAULT_MODEL_CACHE / f"tiny-seed{seed}"
+    if not (path / "model.safetensors").is_file():
+        print(f"building the tiny Llama 4 checkpoint in {path} (seed {seed}) ...", flush=True)
+        make_model(preset("tiny"), path, seed=seed, text_only_variant=True)
+    return path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from maverick_serve.engine.async_engine import AsyncEngine
+    from maverick_serve.engine.inputs import InputProcessor
+    from maverick_serve.engine.native import NativeEngine
+    from maverick_serve.engine.types import SamplingParams
+
+    model = args.model or default_tiny_model()
+    config = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_memory_gib=args.kv_gib)
+    engine = NativeEngine.from_pretrained(model, config)
+    inputs = InputProcessor.from_pretrained(model, engine.spec, config)
+    content: list[dict[str, str]] = [{"type": "image"} for _ in args.image]
+    content.append({"type": "text", "text": args.prompt})
+    images = [p.read_bytes() for p in args.image]
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    request = inputs.build_chat("cli", [{"role": "user", "content": content}], images, sampling)
+    runner = AsyncEngine(engine)
+
+    async def stream() -> None:
+        async for out in runner.generate(request):
+            print(out.text_delta, end="", flush=True)
+            if out.finished and out.usage is not None:
+                print(
+                    f"\n[{out.finish_reason}; prompt {out.usage.prompt_tokens} tokens, "
+                    f"completion {out.usage.completion_tokens} tokens]"
+                )
+
+    try:
+        asyncio.run(stream())
+    finally:
+        runner.shutdown()
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_pretrained_dir(args.model) if args.model else preset(args.preset)
     print(json.dumps(spec.to_hf() if args.hf else spec.model_dump(mode="json"), indent=2))
@@ -152,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--skip-vllm", action="store_true")
     be.set_defaults(func=cmd_bench_engine)
 
+    gen = sub.add_parser("generate", help="chat with the native engine in this process (text and images)")
+    gen.add_argument(
+        "--model", type=Path, default=None, help="checkpoint folder (default: the tiny model, built once)"
+    )
+    gen.add_argument("--prompt", default="Tell me about Llama 4.", help="user message")
+    gen.add_argument(
+        "--image", type=Path, action="append", default=[], help="image file to attach (repeatable)"
+    )
+    gen.add_argument("--max-tokens", type=_positive, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--kv-gib", type=float, default=0.5)
+    gen.set_defaults(func=cmd_generate)
+
     cfg = sub.add_parser("config", help="inspect model configs").add_subparsers(dest="config", required=True)
     show = cfg.add_parser("show", help="print a preset's or a checkpoint's model spec")
     show.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -165,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CLIError, ModelConfigError, ValueError) as exc:
+    except (CLIError, ModelConfigError, ValueError, OSError) as exc:
         print(f"maverick-serve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -26,7 +26,9 @@ def _engine(path: Path, device: str, dtype: str = "float32") -> NativeEngine:
 
 def _generate(engine: NativeEngine, prompts: list[list[int]], n: int) -> dict[str, list[int]]:
     for i, p in enumerate(prompts):
-        engine.add_request(EngineRequest(str(i), p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)))
+        engine.add_request(
+            EngineRequest(str(i), p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        )
     out: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -45,7 +47,9 @@ def test_cuda_logits_equal_cpu(name: str, tiny_models: dict[str, Path]) -> None:
 
 def test_cuda_batched_greedy_equals_cpu(tiny_model: Path) -> None:
     prompts = [_prompt(n, i) for i, n in enumerate([5, 70, 130, 33, 650])]
-    assert _generate(_engine(tiny_model, "cuda"), prompts, 24) == _generate(_engine(tiny_model, "cpu"), prompts, 24)
+    assert _generate(_engine(tiny_model, "cuda"), prompts, 24) == _generate(
+        _engine(tiny_model, "cpu"), prompts, 24
+    )
 
 
 def test_cuda_vision_equals_cpu(tiny_model: Path) -> None:
@@ -67,7 +71,9 @@ def test_cuda_bf16_long_prompt_keeps_retention(tiny_model: Path) -> None:
     image = ImageInput(torch.randn(1, 3, 336, 336), 144, "h")
     patch = engine.spec.image_token_index
     ids = _prompt(10, 1) + [engine.spec.boi_token_index] + [patch] * 144 + [engine.spec.eoi_token_index]
-    out = _generate_one(engine, EngineRequest("img", ids, SamplingParams(temperature=0, max_tokens=5), [image]))
+    out = _generate_one(
+        engine, EngineRequest("img", ids, SamplingParams(temperature=0, max_tokens=5), [image])
+    )
     assert len(out) == 5
 
 

@@ -1,0 +1,140 @@
+"""Async streaming over the engine loop thread, and the CLI's commands and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from maverick_serve.cli import main
+from maverick_serve.config import EngineConfig
+from maverick_serve.engine.async_engine import AsyncEngine
+from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.types import EngineRequest, InvalidRequestError, SamplingParams
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 1900, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture
+def engine(tiny_model: Path) -> NativeEngine:
+    return NativeEngine.from_pretrained(tiny_model, EngineConfig(kv_cache_memory_gib=0.05))
+
+
+def test_concurrent_streams_equal_sync_engine(engine: NativeEngine, tiny_model: Path) -> None:
+    prompts = [_prompt(30 + 20 * i, i) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    sync = NativeEngine.from_pretrained(tiny_model, EngineConfig(kv_cache_memory_gib=0.05))
+    expected = {}
+    for i, p in enumerate(prompts):
+        sync.add_request(EngineRequest(str(i), p, params.model_copy()))
+        while sync.has_unfinished_requests():
+            for o in sync.step():
+                expected.setdefault(o.request_id, []).extend(o.new_token_ids)
+    runner = AsyncEngine(engine)
+
+    async def one(i: int) -> tuple[list[int], int]:
+        tokens, deltas = [], 0
+        async for out in runner.generate(EngineRequest(str(i), prompts[i], params.model_copy())):
+            tokens.extend(out.new_token_ids)
+            deltas += 1
+        return tokens, deltas
+
+    async def all_of_them() -> list[tuple[list[int], int]]:
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    try:
+        results = asyncio.run(all_of_them())
+    finally:
+        runner.shutdown()
+    assert {str(i): r[0] for i, r in enumerate(results)} == expected
+    assert all(deltas == 10 for _, deltas in results)  # one delta per token: really streamed
+
+
+def test_cancelled_stream_aborts_and_frees_blocks(engine: NativeEngine) -> None:
+    runner = AsyncEngine(engine)
+
+    async def consume_two() -> None:
+        req = EngineRequest(
+            "c", _prompt(40, 1), SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+        )
+        n = 0
+        async for _ in runner.generate(req):
+            n += 1
+            if n == 2:
+                break
+
+    async def scenario() -> dict[str, int]:
+        await consume_two()
+        for _ in range(100):  # the abort is applied by the loop thread
+            stats = await runner.stats()
+            if stats.running == 0 and sum(stats.kv_blocks_used.values()) == 0:
+                break
+            await asyncio.sleep(0.02)
+        return stats.kv_blocks_used
+
+    try:
+        used = asyncio.run(scenario())
+    finally:
+        runner.shutdown()
+    assert sum(used.values()) == 0
+    assert engine.stats().generated_tokens_total < 1000
+
+
+def test_bad_request_raises_to_the_caller(engine: NativeEngine) -> None:
+    runner = AsyncEngine(engine)
+
+    async def bad() -> None:
+        async for _ in runner.generate(EngineRequest("b", [1, 2], SamplingParams(top_p=2.0))):
+            pass
+
+    try:
+        with pytest.raises(InvalidRequestError, match="top_p"):
+            asyncio.run(bad())
+    finally:
+        runner.shutdown()
+
+
+def test_cli_make_model_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-model", "--out", str(tmp_path / "m"), "--seed", "3"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert main(["make-model", "--out", str(tmp_path / "m")]) == 2
+    assert "not empty (pass --force" in capsys.readouterr().err
+    assert main(["make-model", "--preset", "maverick", "--out", str(tmp_path / "big")]) == 2
+    assert "vocab_size is 202048" in capsys.readouterr().err
+    assert main(["bench", "engine", "--model", str(tmp_path / "nothing")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "engine", "--model", str(tmp_path / "m"), "--batch-sizes", "0,8"])
+    assert "--batch-sizes must be integers ≥ 1" in capsys.readouterr().err
+
+
+def test_cli_generate_streams_text(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "hi", "--max-tokens", "5"]) == 0
+    assert "[length; prompt" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny_model), "--temperature", "-1"]) == 2
+    assert "temperature must be ≥ 0" in capsys.readouterr().err
+
+
+def test_cli_bench_engine_prints_figures(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "bench",
+        "engine",
+        "--model",
+        str(tiny_model),
+        "--skip-vllm",
+        "--prompt-len",
+        "16",
+        "--decode-tokens",
+        "4",
+        "--batch-sizes",
+        "1,2",
+        "--repeats",
+        "1",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "decode tokens/s @ batch 2" in out and "skipped (--skip-vllm)" in out
