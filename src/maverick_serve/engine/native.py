@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.base import Engine
+from maverick_serve.engine.detokenizer import IncrementalDetokenizer
 from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager
 from maverick_serve.engine.runner import ModelRunner
 from maverick_serve.engine.sampler import sample_token
@@ -25,6 +26,7 @@ from maverick_serve.engine.types import (
     EngineStats,
     InvalidRequestError,
     RequestOutput,
+    TokenLogprob,
     Usage,
 )
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVCache
@@ -79,6 +81,7 @@ class NativeEngine(Engine):
         self._generated_total = 0
         self._steps = 0
         self._rates: deque[tuple[float, int, int]] = deque()
+        self._seeds = torch.Generator().manual_seed(config.seed)
 
     @classmethod
     def from_pretrained(cls, model_dir: Path, config: EngineConfig | None = None) -> NativeEngine:
@@ -153,13 +156,20 @@ class NativeEngine(Engine):
         eos = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.spec.text.eos_token_ids)
         )
-        seed = params.seed if params.seed is not None else None
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        if gen is None and params.temperature > 0:
-            gen = torch.Generator().manual_seed(self.config.seed + self._prompt_tokens_total)
+        gen = None
+        if params.temperature > 0:
+            # Unseeded requests draw their seed from the engine's seeded stream, so a replica
+            # replays the same tokens for the same request order.
+            seed = (
+                params.seed
+                if params.seed is not None
+                else int(torch.randint(2**62, (1,), generator=self._seeds))
+            )
+            gen = torch.Generator().manual_seed(seed)
         request.arrival_time = request.arrival_time or time.monotonic()
         seq = Sequence(
             request=request,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
             max_tokens=max_tokens,
             eos_ids=eos,
             generator=gen,
@@ -210,35 +220,36 @@ class NativeEngine(Engine):
         self._record_rate(prefill_tokens, generated)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: object) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.output_ids.append(token)
         self._generated_total += 1
         if logprob is not None:
-            seq.pending_logprobs.append(logprob)  # type: ignore[arg-type]
+            seq.pending_logprobs.append(logprob)
         params = seq.request.sampling
         if token in seq.eos_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        text_ids = seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids
-        seq.text = self.tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
-        for stop in params.stop:
-            idx = seq.text.find(stop, max(0, seq.emitted_text_len - len(stop) + 1))
-            if idx != -1:
-                seq.text = seq.text[:idx]
-                seq.finish_reason, seq.stop_reason = "stop", stop
-                break
+        else:
+            seq.detokenizer.append(token)
         if seq.finish_reason is None and (
             len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len
         ):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            seq.detokenizer.flush()
+        text = seq.detokenizer.text
+        for stop in params.stop:
+            idx = text.find(stop, max(0, seq.emitted_text_len - len(stop) + 1))
+            if idx != -1:
+                text = text[:idx]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                break
+        seq.text = text
+        if seq.finish_reason is not None:
             self._finish(seq)
-            emit_upto = len(seq.text)
+            emit_upto = len(text)
         else:
-            # Hold back an incomplete UTF-8 character and anything that may start a stop string.
-            hold = max((len(s) - 1 for s in params.stop), default=0)
-            emit_upto = len(seq.text) - hold
-            while emit_upto > seq.emitted_text_len and seq.text[emit_upto - 1] == "\ufffd":
-                emit_upto -= 1
+            # Hold back what may be the start of a stop string.
+            emit_upto = len(text) - max((len(s) - 1 for s in params.stop), default=0)
         delta = seq.text[seq.emitted_text_len : max(emit_upto, seq.emitted_text_len)]
         seq.emitted_text_len = max(emit_upto, seq.emitted_text_len)
         new_ids = seq.output_ids[seq.num_emitted_tokens :]
@@ -294,7 +305,6 @@ class NativeEngine(Engine):
 
     def score(self, request: EngineRequest) -> torch.Tensor:
         """Logits [prompt_len, vocab] of every prompt position in one forward (tests, prompt logprobs)."""
-        self.validate(request)
         self.add_request(request)
         seq = self.seqs[request.request_id]
         self.scheduler.waiting.remove(seq)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from maverick_serve.engine.detokenizer import IncrementalDetokenizer
 from maverick_serve.engine.kv_cache import BlockTables, chain_block_hashes
 from maverick_serve.engine.types import EngineRequest, FinishReason, TokenLogprob
 
@@ -25,6 +26,7 @@ class Sequence:
     generator: torch.Generator | None
     patch_positions: torch.Tensor  # prompt positions of <|patch|> tokens, in image order
     image_spans: list[tuple[int, int, str]]  # (start, end, content hash) per image
+    detokenizer: IncrementalDetokenizer
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -55,10 +57,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return self.prompt_len + len(self.output_ids)
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < self.num_tokens - 1 or not self.output_ids
 
     def update_block_hashes(self, block_size: int) -> list[bytes]:
         self.block_hashes = chain_block_hashes(
