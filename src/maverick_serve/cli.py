@@ -1,9 +1,10 @@
-"""`maverick-serve` command line: make-model, bench, config."""
+"""`maverick-serve` command line: up, status, make-model, generate, bench, config."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -159,6 +160,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from maverick_serve.serving.local_cluster import load_config, run_local
+
+    config = load_config(args.config)
+    updates: dict[str, object] = {}
+    if args.model is not None:
+        updates["model"] = config.model.model_copy(update={"path": args.model})
+    resources = config.resources
+    if args.replicas is not None:
+        resources = resources.model_copy(
+            update={"engine": resources.engine.model_copy(update={"replicas": args.replicas})}
+        )
+    http = config.http
+    if args.port is not None:
+        http = http.model_copy(update={"port": args.port})
+    if args.dashboard_port is not None:
+        http = http.model_copy(update={"dashboard_port": args.dashboard_port})
+    engine = config.engine
+    if engine.device == "cpu" and engine.num_threads is None:
+        # Split the cores between engine replicas instead of letting each take all of them.
+        per = max(1, (os.cpu_count() or 1) // resources.engine.replicas)
+        engine = engine.model_copy(update={"num_threads": per})
+    config = config.model_validate(
+        {**config.model_dump(), **updates, "resources": resources, "http": http, "engine": engine}
+    )
+    return run_local(config, ready_timeout_s=args.ready_timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from maverick_serve.serving.local_cluster import print_status
+
+    return print_status(args.address)
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_pretrained_dir(args.model) if args.model else preset(args.preset)
     print(json.dumps(spec.to_hf() if args.hf else spec.model_dump(mode="json"), indent=2))
@@ -200,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--vllm-timeout", type=float, default=900.0)
     be.add_argument("--skip-vllm", action="store_true")
     be.set_defaults(func=cmd_bench_engine)
+
+    up = sub.add_parser("up", help="start a local Ray Serve cluster serving the model (Ctrl-C stops it)")
+    up.add_argument(
+        "--config", type=Path, default=None, help="ClusterConfig YAML/JSON (or a Serve config file)"
+    )
+    up.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    up.add_argument("--replicas", type=_positive, default=None, help="engine replicas")
+    up.add_argument("--port", type=int, default=None, help="API port (default 8000)")
+    up.add_argument("--dashboard-port", type=int, default=None, help="Ray dashboard port (default 8265)")
+    up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the engines")
+    up.set_defaults(func=cmd_up)
+
+    st = sub.add_parser("status", help="applications, deployments and replica states of a running cluster")
+    st.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard URL")
+    st.set_defaults(func=cmd_status)
 
     gen = sub.add_parser("generate", help="chat with the native engine in this process (text and images)")
     gen.add_argument(

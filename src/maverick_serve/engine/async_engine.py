@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from maverick_serve.engine.base import Engine
 from maverick_serve.engine.types import EngineRequest, EngineStats, RequestOutput
+
+logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -20,8 +24,17 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        idle_wait_s: float = 0.05,
+        on_stats: Callable[[EngineStats], None] | None = None,
+        stats_interval_s: float = 1.0,
+    ) -> None:
         self.engine = engine
+        self._on_stats = on_stats
+        self._stats_interval_s = stats_interval_s
+        self._last_stats = 0.0
         self._commands: queue.Queue[Callable[[], Any]] = queue.Queue()
         self._streams: dict[
             str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]
@@ -55,12 +68,27 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     for out in self.engine.step():
                         self._deliver(out.request_id, out)
+                self._maybe_report_stats()
         except BaseException as exc:  # surface the crash to every waiting caller
             self._error = exc
             with self._lock:
                 ids = list(self._streams)
             for rid in ids:
                 self._deliver(rid, EngineDeadError(f"engine loop stopped: {exc!r}"))
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the loop stopped, or None while it runs."""
+        return self._error
+
+    def _maybe_report_stats(self) -> None:
+        now = time.monotonic()
+        if self._on_stats is not None and now - self._last_stats >= self._stats_interval_s:
+            self._last_stats = now
+            try:
+                self._on_stats(self.engine.stats())
+            except Exception:  # metrics must never take the engine down
+                logger.exception("stats callback failed")
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         if self._error is not None or self._stopped.is_set():

@@ -1,0 +1,130 @@
+"""The root configuration: one typed `ClusterConfig` that the builder turns into a Serve app.
+
+Every field has a default and a description; unknown keys are refused (`extra="forbid"`), so a
+typo in a Serve YAML or Helm values file fails at build time with the field's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from maverick_serve.config.engine import EngineConfig
+
+
+class ModelSourceConfig(BaseModel):
+    """Where the weights come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = Field(
+        None, description="Hugging Face checkpoint folder; None builds the tiny preset into cache_dir."
+    )
+    preset: str = Field("tiny", description="Preset built when path is None (tiny presets only).")
+    seed: int = Field(0, description="Seed of the built checkpoint; same seed ⇒ identical files.")
+    cache_dir: Path = Field(Path(".cache/models"), description="Where built checkpoints are kept.")
+    served_model_name: str = Field(
+        "llama-4-tiny", min_length=1, description="The `model` name clients send and /v1/models lists."
+    )
+
+
+class RouterConfig(BaseModel):
+    """The HTTP ingress: request limits and input policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body (413 above).")
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, gt=0, description="Largest decoded image payload (413 above)."
+    )
+    max_images_per_request: int = Field(8, ge=0, description="Most images in one request (400 above).")
+    allow_remote_images: bool = Field(False, description="Fetch http(s) image URLs (off: only data: URLs).")
+    remote_image_hosts: list[str] = Field(
+        default_factory=list, description="Hosts remote images may come from when allow_remote_images is on."
+    )
+    max_n: int = Field(4, ge=1, description="Largest `n` (choices per request).")
+    request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request end to end.")
+
+
+class ReplicaResources(BaseModel):
+    """Replica count and per-replica resources of one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, description="Number of replicas.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per replica.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per replica (engine replicas on GPU nodes: 1 or TP size)."
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
+
+
+class ResourcesConfig(BaseModel):
+    """Per-deployment placement."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    router: ReplicaResources = Field(
+        default_factory=lambda: ReplicaResources(replicas=1, num_cpus=0.5, max_ongoing_requests=512),
+        description="Router (HTTP ingress) replicas.",
+    )
+    engine: ReplicaResources = Field(
+        default_factory=lambda: ReplicaResources(replicas=1, num_cpus=1.0),
+        description="Engine replicas; each owns one engine (one data-parallel rank).",
+    )
+
+
+class HttpConfig(BaseModel):
+    """Where Serve's HTTP proxy listens and the Ray dashboard."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Bind address of the HTTP proxy (0.0.0.0 in clusters).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible API.")
+    dashboard_port: int = Field(8265, ge=1, le=65535, description="Port of the Ray dashboard (local `up`).")
+    logical_cpus: int = Field(
+        8, ge=1, description="Logical CPUs the local Ray claims, so replicas schedule on small machines."
+    )
+
+
+class ObservabilityConfig(BaseModel):
+    """Metrics and logs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often engine replicas export their stats.")
+    log_level: str = Field("INFO", description="Python log level of replicas.")
+
+
+class ClusterConfig(BaseModel):
+    """Root of maverick-serve's configuration (CLI, Serve YAMLs and Helm values all validate here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_name: str = Field("maverick", min_length=1, description="Serve application name.")
+    model: ModelSourceConfig = Field(
+        default_factory=ModelSourceConfig, description="Weights and served name."
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="Engine settings of every replica."
+    )
+    router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP ingress limits and policy.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Replicas and resources.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP proxy and dashboard.")
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig, description="Metrics and logging."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.engine.device.startswith("cuda") and self.resources.engine.num_gpus == 0:
+            raise ValueError(
+                "engine.device is CUDA but resources.engine.num_gpus is 0: give engine replicas GPUs"
+            )
+        if self.router.max_images_per_request > self.engine.max_images_per_request:
+            raise ValueError(
+                f"router.max_images_per_request ({self.router.max_images_per_request}) exceeds "
+                f"engine.max_images_per_request ({self.engine.max_images_per_request})"
+            )
+        return self

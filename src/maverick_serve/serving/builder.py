@@ -1,0 +1,55 @@
+"""Builders: `ClusterConfig` → Ray Serve application.
+
+One builder serves the CLI (`maverick-serve up`), the tests, `serve run deployments/*.yaml`
+(through `app_builder`) and the Helm chart. Deployment classes stay plain; options are applied
+here, so nothing is decorated at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.serving.engine_server import EngineServer
+from maverick_serve.serving.model_store import ensure_model
+from maverick_serve.serving.router_server import RouterServer
+
+ROUTER_DEPLOYMENT = "Router"
+ENGINE_DEPLOYMENT = "LlamaEngine"
+
+
+def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
+    """Serve options per deployment, from the config (exposed for tests and the Helm chart)."""
+    r, e = config.resources.router, config.resources.engine
+    return {
+        ROUTER_DEPLOYMENT: {
+            "name": ROUTER_DEPLOYMENT,
+            "num_replicas": r.replicas,
+            "max_ongoing_requests": r.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        },
+        ENGINE_DEPLOYMENT: {
+            "name": ENGINE_DEPLOYMENT,
+            "num_replicas": e.replicas,
+            "max_ongoing_requests": e.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
+            "health_check_period_s": 5,
+        },
+    }
+
+
+def build_app(config: ClusterConfig) -> Application:
+    config = ensure_model(config)
+    payload = config.model_dump(mode="json")
+    options = deployment_options(config)
+    engine = serve.deployment(**options[ENGINE_DEPLOYMENT])(EngineServer)
+    router = serve.deployment(**options[ROUTER_DEPLOYMENT])(serve.ingress()(RouterServer))
+    return router.bind(payload, engine.bind(payload))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point of Serve config files: `import_path: maverick_serve.serving.builder:app_builder`."""
+    return build_app(ClusterConfig.model_validate(args))

@@ -1,0 +1,104 @@
+"""The Engine deployment: one replica owns one engine (one data-parallel rank).
+
+A plain class: the builder wraps it with `serve.deployment`; tests construct it directly. It
+speaks plain dicts with the router (validated `EngineWorkItem` in, output deltas out), and
+reports bad input as an error event so the router answers 4xx without a crashed replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.engine.async_engine import AsyncEngine, EngineDeadError
+from maverick_serve.engine.inputs import InputProcessor
+from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.types import EngineRequest, ImageInput, InvalidRequestError
+from maverick_serve.serving.protocol import EngineWorkItem
+
+logger = logging.getLogger(__name__)
+
+
+def _replica_name() -> str:
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside Serve (tests, bench)
+        return f"pid-{os.getpid()}"
+
+
+def error_event(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "param": param}}
+
+
+class EngineServer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = ClusterConfig.model_validate(config)
+        if cfg.model.path is None:
+            raise ValueError("model.path must be resolved by the builder before replicas start")
+        logging.basicConfig(level=cfg.observability.log_level)
+        model_dir = Path(cfg.model.path)
+        self.config = cfg
+        self.engine = NativeEngine.from_pretrained(model_dir, cfg.engine)
+        self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
+        self.replica = _replica_name()
+        on_stats = None
+        try:
+            from maverick_serve.serving.metrics import EngineMetrics
+
+            on_stats = EngineMetrics(self.replica, cfg.model.served_model_name).record
+        except Exception:  # no Ray metrics agent (plain Python): stats stay readable via stats()
+            logger.warning("Ray metrics unavailable; engine stats are not exported")
+        self.runner = AsyncEngine(
+            self.engine, on_stats=on_stats, stats_interval_s=cfg.observability.metrics_interval_s
+        )
+        logger.info(
+            "engine replica %s ready: %s, max_model_len %d",
+            self.replica,
+            model_dir,
+            self.engine.max_model_len,
+        )
+
+    async def generate(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        work = EngineWorkItem.model_validate(item)
+        try:
+            processed = self.inputs.process_images(work.images)
+            request = EngineRequest(
+                request_id=work.request_id,
+                prompt_token_ids=work.prompt_token_ids,
+                sampling=work.sampling,
+                images=[ImageInput(p.pixel_values, p.num_patch_tokens, p.content_hash) for p in processed],
+            )
+            async for out in self.runner.generate(request):
+                yield dataclasses.asdict(out)
+        except InvalidRequestError as exc:
+            yield error_event(400, str(exc), exc.field)
+        except EngineDeadError as exc:
+            yield error_event(503, f"engine replica {self.replica} is down: {exc}")
+
+    async def stats(self) -> dict[str, Any]:
+        stats = await self.runner.stats()
+        return {"replica": self.replica, **stats.model_dump()}
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "max_model_len": self.engine.max_model_len,
+            "model": self.config.model.served_model_name,
+        }
+
+    def check_health(self) -> None:
+        """Serve's health check: a dead engine loop restarts the replica."""
+        if self.runner.error is not None:
+            raise RuntimeError(f"engine loop stopped: {self.runner.error!r}")
+
+    def __del__(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.shutdown(timeout_s=1.0)
