@@ -1,0 +1,82 @@
+"""The root config, every Serve YAML in deployments/, and the builder's deployment options."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, deployment_options
+
+DEPLOYMENTS = sorted((Path(__file__).parents[2] / "deployments").glob("*.yaml"))
+
+
+def test_deployment_files_exist() -> None:
+    names = {p.name for p in DEPLOYMENTS}
+    assert {"local-cpu.yaml", "maverick-8xh100.yaml", "scout-10m-8xh200.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", DEPLOYMENTS, ids=lambda p: p.name)
+def test_every_deployment_file_validates(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    assert data["applications"], path
+    for app in data["applications"]:
+        module, _, attr = app["import_path"].partition(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+        cfg = ClusterConfig.model_validate(app["args"])
+        assert cfg.app_name == app["name"]
+        opts = deployment_options(cfg)
+        assert opts[ENGINE_DEPLOYMENT]["ray_actor_options"]["num_gpus"] == cfg.resources.engine.num_gpus
+
+
+def test_gpu_files_ask_for_gpus_and_local_runs_on_cpu() -> None:
+    by_name = {p.name: yaml.safe_load(p.read_text())["applications"][0]["args"] for p in DEPLOYMENTS}
+    local = ClusterConfig.model_validate(by_name["local-cpu.yaml"])
+    assert local.engine.device == "cpu" and local.resources.engine.num_gpus == 0
+    assert local.resources.engine.replicas == 2
+    mav = ClusterConfig.model_validate(by_name["maverick-8xh100.yaml"])
+    assert mav.engine.device == "cuda" and mav.resources.engine.num_gpus == 8
+    assert mav.engine.max_model_len == 430000
+    scout = ClusterConfig.model_validate(by_name["scout-10m-8xh200.yaml"])
+    assert scout.engine.max_model_len == 10485760
+
+
+def test_unknown_field_is_named() -> None:
+    with pytest.raises(ValidationError, match="resources.engine.replica"):
+        ClusterConfig.model_validate({"resources": {"engine": {"replica": 2}}})
+
+
+def test_cuda_without_gpus_is_refused() -> None:
+    with pytest.raises(ValidationError, match="num_gpus is 0"):
+        ClusterConfig.model_validate({"engine": {"device": "cuda"}})
+
+
+def test_router_image_limit_cannot_exceed_engine_limit() -> None:
+    with pytest.raises(ValidationError, match="router.max_images_per_request"):
+        ClusterConfig.model_validate({"router": {"max_images_per_request": 9}})
+
+
+def test_every_field_has_a_description() -> None:
+    def walk(model: type) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                missing += walk(ann)
+        return missing
+
+    assert walk(ClusterConfig) == []
+
+
+def test_options_follow_config() -> None:
+    cfg = ClusterConfig.model_validate({"resources": {"engine": {"replicas": 3, "num_cpus": 2}}})
+    opts = deployment_options(cfg)
+    assert opts[ENGINE_DEPLOYMENT]["num_replicas"] == 3
+    assert opts[ENGINE_DEPLOYMENT]["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert opts[ROUTER_DEPLOYMENT]["name"] == "Router"

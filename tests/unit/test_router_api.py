@@ -1,0 +1,190 @@
+"""The OpenAI-compatible API in-process (router ASGI app + an engine replica, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.serving.engine_client import LocalEngineClient
+from maverick_serve.serving.engine_server import EngineServer
+from maverick_serve.serving.router_server import RouterServer
+
+MODEL = "llama-4-tiny"
+
+
+def _png(w: int, h: int, seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _smooth_png(w: int, h: int) -> bytes:
+    """A gradient: compresses well, so large images fit small body limits."""
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+class Api:
+    """A tiny sync facade over the ASGI app, so tests read like HTTP calls."""
+
+    def __init__(self, app: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+    def post(self, path: str, body: Any = None, raw: bytes | None = None, **kw: Any) -> httpx.Response:
+        content = raw if raw is not None else json.dumps(body).encode()
+        return self.loop.run_until_complete(self.client.post(path, content=content, **kw))
+
+    def get(self, path: str) -> httpx.Response:
+        return self.loop.run_until_complete(self.client.get(path))
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model: Path) -> Iterator[Api]:
+    cfg = ClusterConfig.model_validate({
+        "model": {"path": str(tiny_model), "served_model_name": MODEL},
+        "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096},
+        "router": {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_images_per_request": 2},
+    }).model_dump(mode="json")
+    server = EngineServer(cfg)
+    router = RouterServer(cfg, LocalEngineClient(server))
+    a = Api(router.build_api())
+    yield a
+    server.runner.shutdown()
+    a.loop.close()
+
+
+def _chat(content: Any, **kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0, **kw}
+
+
+def _sse(resp: httpx.Response) -> list[dict[str, Any]]:
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_models_health_ready_openapi(api: Api) -> None:
+    assert api.get("/v1/models").json()["data"][0]["id"] == MODEL
+    assert api.get("/health").json() == {"status": "ok"}
+    ready = api.get("/ready").json()
+    assert ready["status"] == "ready" and ready["engine"]["max_model_len"] == 4096
+    spec = api.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert "messages" in body["schema"]["properties"]
+
+
+def test_chat_streaming_joins_to_non_streamed_text(api: Api) -> None:
+    full = api.post("/v1/chat/completions", _chat("Tell me a story", max_tokens=20))
+    assert full.status_code == 200
+    body = full.json()
+    text = body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] == 20 and body["choices"][0]["finish_reason"] == "length"
+    stream = api.post("/v1/chat/completions", _chat("Tell me a story", max_tokens=20, stream=True,
+                                                   stream_options={"include_usage": True}))
+    chunks = _sse(stream)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    joined = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert joined == text
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == []
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (body["usage"]["prompt_tokens"], 20)
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0  # same prompt: the prefix cache served it
+    assert sum(1 for c in chunks if c["choices"]) >= 10  # really incremental
+
+
+def test_completions_string_and_token_ids(api: Api) -> None:
+    a = api.post("/v1/completions", {"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0})
+    assert a.status_code == 200 and a.json()["object"] == "text_completion"
+    assert a.json()["usage"]["completion_tokens"] == 5
+    ids = [1920, 10, 20, 30]
+    b = api.post("/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0})
+    assert b.json()["usage"]["prompt_tokens"] == 4
+
+
+def test_image_chat_and_n_and_logprobs(api: Api) -> None:
+    content = [{"type": "image_url", "image_url": {"url": _data_url(_smooth_png(500, 300))}},
+               {"type": "text", "text": "What is this?"}]
+    r = api.post("/v1/chat/completions", _chat(content, n=2, seed=3, temperature=0.8, logprobs=True,
+                                               top_logprobs=2))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    # 3 tiles (1x2 grid + global) of 144 patch tokens each are in the prompt.
+    assert body["usage"]["prompt_tokens"] > 3 * 144
+    lp = body["choices"][0]["logprobs"]["content"]
+    assert len(lp) == 8 and len(lp[0]["top_logprobs"]) == 2 and lp[0]["logprob"] <= 0
+
+
+def test_request_id_is_echoed(api: Api) -> None:
+    r = api.post("/v1/chat/completions", _chat("hi"), headers={"x-request-id": "req-42"})
+    assert r.headers["x-request-id"] == "req-42" and r.json()["id"] == "chatcmpl-req-42"
+
+
+BAD: list[tuple[str, Any, int, str | None, str]] = [
+    ("invalid json", b"{not json", 400, None, "not valid JSON"),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "gpt-9"),
+    ("missing messages", {"model": MODEL}, 400, "messages", "required"),
+    ("empty messages", {"model": MODEL, "messages": []}, 400, "messages", "at least one"),
+    ("unknown part", _chat([{"type": "audio", "data": "x"}]), 400, "messages.0.content.0", "'audio'"),
+    ("max_tokens over context", _chat("hi", max_tokens=5000), 400, "max_tokens", "context left: 4096"),
+    ("max_completion_tokens over", _chat("hi", max_completion_tokens=5000), 400, "max_completion_tokens", "4096"),
+    ("http image", _chat([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]), 400,
+     "messages.0.content.0.image_url.url", "remote image URLs are disabled"),
+    ("ftp image", _chat([{"type": "image_url", "image_url": {"url": "ftp://x/a.png"}}]), 400,
+     "messages.0.content.0.image_url.url", "'ftp' is not supported"),
+    ("bad base64", _chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]), 400,
+     "messages.0.content.0.image_url.url", "not valid base64"),
+    ("not an image", _chat([{"type": "image_url", "image_url": {"url": _data_url(b"hello world" * 10)}}]), 400,
+     "messages.0.content.0.image_url.url", "image"),
+    ("image too big", _chat([{"type": "image_url", "image_url": {"url": _data_url(_png(220, 220, 1))}}]), 413,
+     "messages.0.content.0.image_url.url", "100000-byte limit"),
+    ("too many images", _chat([{"type": "image_url", "image_url": {"url": _data_url(_png(20, 20))}}] * 3), 400,
+     "messages", "at most 2"),
+    ("temperature", _chat("hi", temperature=-1), 400, "temperature", "≥ 0"),
+    ("top_p", _chat("hi", top_p=0), 400, "top_p", "(0, 1]"),
+    ("n", _chat("hi", n=9), 400, "n", "between 1 and 4"),
+    ("penalty", _chat("hi", presence_penalty=0.5), 400, "presence_penalty", "not supported"),
+    ("logprobs", _chat("hi", logprobs=True, top_logprobs=50), 400, "top_logprobs", "between 0 and 20"),
+    ("batched prompts", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", "batches of 2"),
+    ("token out of vocab", {"model": MODEL, "prompt": [5, 99999]}, 400, "prompt", "0..2047"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "param", "needle"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_openai_error(api: Api, name: str, body: Any, status: int, param: str | None,
+                                     needle: str) -> None:
+    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+    r = api.post(path, raw=body) if isinstance(body, bytes) else api.post(path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and needle in err["message"]
+
+
+def test_body_over_limit_is_413_and_replica_still_serves(api: Api) -> None:
+    r = api.post("/v1/chat/completions", _chat("x" * 400_000))
+    assert r.status_code == 413 and "300000-byte limit" in r.json()["error"]["message"]
+    ok = api.post("/v1/chat/completions", _chat("still alive?"))
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
