@@ -177,6 +177,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         http = http.model_copy(update={"port": args.port})
     if args.dashboard_port is not None:
         http = http.model_copy(update={"dashboard_port": args.dashboard_port})
+    if args.metrics_port is not None:
+        http = http.model_copy(update={"metrics_export_port": args.metrics_port})
     engine = config.engine
     if engine.device == "cpu" and engine.num_threads is None:
         # Split the cores between engine replicas instead of letting each take all of them.
@@ -244,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=_positive, default=None, help="engine replicas")
     up.add_argument("--port", type=int, default=None, help="API port (default 8000)")
     up.add_argument("--dashboard-port", type=int, default=None, help="Ray dashboard port (default 8265)")
+    up.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default 8080)")
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the engines")
     up.set_defaults(func=cmd_up)
 

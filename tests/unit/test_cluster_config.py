@@ -46,7 +46,7 @@ def test_gpu_files_ask_for_gpus_and_local_runs_on_cpu() -> None:
 
 
 def test_unknown_field_is_named() -> None:
-    with pytest.raises(ValidationError, match="resources.engine.replica"):
+    with pytest.raises(ValidationError, match=r"resources\.engine\.replica"):
         ClusterConfig.model_validate({"resources": {"engine": {"replica": 2}}})
 
 
@@ -56,7 +56,7 @@ def test_cuda_without_gpus_is_refused() -> None:
 
 
 def test_router_image_limit_cannot_exceed_engine_limit() -> None:
-    with pytest.raises(ValidationError, match="router.max_images_per_request"):
+    with pytest.raises(ValidationError, match=r"router\.max_images_per_request"):
         ClusterConfig.model_validate({"router": {"max_images_per_request": 9}})
 
 

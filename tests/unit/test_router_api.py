@@ -60,11 +60,13 @@ class Api:
 
 @pytest.fixture(scope="module")
 def api(tiny_model: Path) -> Iterator[Api]:
-    cfg = ClusterConfig.model_validate({
-        "model": {"path": str(tiny_model), "served_model_name": MODEL},
-        "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096},
-        "router": {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_images_per_request": 2},
-    }).model_dump(mode="json")
+    cfg = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(tiny_model), "served_model_name": MODEL},
+            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096},
+            "router": {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_images_per_request": 2},
+        }
+    ).model_dump(mode="json")
     server = EngineServer(cfg)
     router = RouterServer(cfg, LocalEngineClient(server))
     a = Api(router.build_api())
@@ -74,8 +76,13 @@ def api(tiny_model: Path) -> Iterator[Api]:
 
 
 def _chat(content: Any, **kw: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-            "temperature": 0, **kw}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **kw,
+    }
 
 
 def _sse(resp: httpx.Response) -> list[dict[str, Any]]:
@@ -90,7 +97,9 @@ def test_models_health_ready_openapi(api: Api) -> None:
     ready = api.get("/ready").json()
     assert ready["status"] == "ready" and ready["engine"]["max_model_len"] == 4096
     spec = api.get("/openapi.json").json()
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready"} <= set(spec["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready"} <= set(
+        spec["paths"]
+    )
     body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
     assert "messages" in body["schema"]["properties"]
 
@@ -101,8 +110,10 @@ def test_chat_streaming_joins_to_non_streamed_text(api: Api) -> None:
     body = full.json()
     text = body["choices"][0]["message"]["content"]
     assert body["usage"]["completion_tokens"] == 20 and body["choices"][0]["finish_reason"] == "length"
-    stream = api.post("/v1/chat/completions", _chat("Tell me a story", max_tokens=20, stream=True,
-                                                   stream_options={"include_usage": True}))
+    stream = api.post(
+        "/v1/chat/completions",
+        _chat("Tell me a story", max_tokens=20, stream=True, stream_options={"include_usage": True}),
+    )
     chunks = _sse(stream)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     joined = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
@@ -115,7 +126,9 @@ def test_chat_streaming_joins_to_non_streamed_text(api: Api) -> None:
 
 
 def test_completions_string_and_token_ids(api: Api) -> None:
-    a = api.post("/v1/completions", {"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0})
+    a = api.post(
+        "/v1/completions", {"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0}
+    )
     assert a.status_code == 200 and a.json()["object"] == "text_completion"
     assert a.json()["usage"]["completion_tokens"] == 5
     ids = [1920, 10, 20, 30]
@@ -124,10 +137,13 @@ def test_completions_string_and_token_ids(api: Api) -> None:
 
 
 def test_image_chat_and_n_and_logprobs(api: Api) -> None:
-    content = [{"type": "image_url", "image_url": {"url": _data_url(_smooth_png(500, 300))}},
-               {"type": "text", "text": "What is this?"}]
-    r = api.post("/v1/chat/completions", _chat(content, n=2, seed=3, temperature=0.8, logprobs=True,
-                                               top_logprobs=2))
+    content = [
+        {"type": "image_url", "image_url": {"url": _data_url(_smooth_png(500, 300))}},
+        {"type": "text", "text": "What is this?"},
+    ]
+    r = api.post(
+        "/v1/chat/completions", _chat(content, n=2, seed=3, temperature=0.8, logprobs=True, top_logprobs=2)
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
@@ -144,24 +160,66 @@ def test_request_id_is_echoed(api: Api) -> None:
 
 BAD: list[tuple[str, Any, int, str | None, str]] = [
     ("invalid json", b"{not json", 400, None, "not valid JSON"),
-    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "gpt-9"),
+    (
+        "unknown model",
+        {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+        404,
+        "model",
+        "gpt-9",
+    ),
     ("missing messages", {"model": MODEL}, 400, "messages", "required"),
     ("empty messages", {"model": MODEL, "messages": []}, 400, "messages", "at least one"),
     ("unknown part", _chat([{"type": "audio", "data": "x"}]), 400, "messages.0.content.0", "'audio'"),
     ("max_tokens over context", _chat("hi", max_tokens=5000), 400, "max_tokens", "context left: 4096"),
-    ("max_completion_tokens over", _chat("hi", max_completion_tokens=5000), 400, "max_completion_tokens", "4096"),
-    ("http image", _chat([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]), 400,
-     "messages.0.content.0.image_url.url", "remote image URLs are disabled"),
-    ("ftp image", _chat([{"type": "image_url", "image_url": {"url": "ftp://x/a.png"}}]), 400,
-     "messages.0.content.0.image_url.url", "'ftp' is not supported"),
-    ("bad base64", _chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]), 400,
-     "messages.0.content.0.image_url.url", "not valid base64"),
-    ("not an image", _chat([{"type": "image_url", "image_url": {"url": _data_url(b"hello world" * 10)}}]), 400,
-     "messages.0.content.0.image_url.url", "image"),
-    ("image too big", _chat([{"type": "image_url", "image_url": {"url": _data_url(_png(220, 220, 1))}}]), 413,
-     "messages.0.content.0.image_url.url", "100000-byte limit"),
-    ("too many images", _chat([{"type": "image_url", "image_url": {"url": _data_url(_png(20, 20))}}] * 3), 400,
-     "messages", "at most 2"),
+    (
+        "max_completion_tokens over",
+        _chat("hi", max_completion_tokens=5000),
+        400,
+        "max_completion_tokens",
+        "4096",
+    ),
+    (
+        "http image",
+        _chat([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]),
+        400,
+        "messages.0.content.0.image_url.url",
+        "remote image URLs are disabled",
+    ),
+    (
+        "ftp image",
+        _chat([{"type": "image_url", "image_url": {"url": "ftp://x/a.png"}}]),
+        400,
+        "messages.0.content.0.image_url.url",
+        "'ftp' is not supported",
+    ),
+    (
+        "bad base64",
+        _chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]),
+        400,
+        "messages.0.content.0.image_url.url",
+        "not valid base64",
+    ),
+    (
+        "not an image",
+        _chat([{"type": "image_url", "image_url": {"url": _data_url(b"hello world" * 10)}}]),
+        400,
+        "messages.0.content.0.image_url.url",
+        "image",
+    ),
+    (
+        "image too big",
+        _chat([{"type": "image_url", "image_url": {"url": _data_url(_png(220, 220, 1))}}]),
+        413,
+        "messages.0.content.0.image_url.url",
+        "100000-byte limit",
+    ),
+    (
+        "too many images",
+        _chat([{"type": "image_url", "image_url": {"url": _data_url(_png(20, 20))}}] * 3),
+        400,
+        "messages",
+        "at most 2",
+    ),
     ("temperature", _chat("hi", temperature=-1), 400, "temperature", "≥ 0"),
     ("top_p", _chat("hi", top_p=0), 400, "top_p", "(0, 1]"),
     ("n", _chat("hi", n=9), 400, "n", "between 1 and 4"),
@@ -173,8 +231,9 @@ BAD: list[tuple[str, Any, int, str | None, str]] = [
 
 
 @pytest.mark.parametrize(("name", "body", "status", "param", "needle"), BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gets_openai_error(api: Api, name: str, body: Any, status: int, param: str | None,
-                                     needle: str) -> None:
+def test_bad_input_gets_openai_error(
+    api: Api, name: str, body: Any, status: int, param: str | None, needle: str
+) -> None:
     path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
     r = api.post(path, raw=body) if isinstance(body, bytes) else api.post(path, body)
     assert r.status_code == status, r.text

@@ -83,6 +83,9 @@ class HttpConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address of the HTTP proxy (0.0.0.0 in clusters).")
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible API.")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Port of the Ray dashboard (local `up`).")
+    metrics_export_port: int = Field(
+        8080, ge=1, le=65535, description="Prometheus endpoint of Ray's metrics agent (local `up`)."
+    )
     logical_cpus: int = Field(
         8, ge=1, description="Logical CPUs the local Ray claims, so replicas schedule on small machines."
     )

@@ -79,6 +79,7 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=http.dashboard_port,
+        _metrics_export_port=http.metrics_export_port,
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
@@ -105,6 +106,7 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
         )
         print(f"  API:            {api}/v1  (OpenAI-compatible; try {api}/v1/models)")
         print(f"  Ray dashboard:  http://127.0.0.1:{http.dashboard_port}")
+        print(f"  Prometheus:     http://127.0.0.1:{http.metrics_export_port}/metrics")
         print("  Ctrl-C stops the cluster.", flush=True)
         while not stop.wait(0.5):
             pass
@@ -129,12 +131,12 @@ def print_status(dashboard_url: str) -> int:
     for name, app in apps.items():
         print(f"application {name}: {app.get('status')} (route {app.get('route_prefix')})")
         for dname, dep in (app.get("deployments") or {}).items():
-            counts = dep.get("replica_states") or {}
+            counts: dict[str, int] = {}
+            for replica in dep.get("replicas") or []:
+                counts[replica.get("state", "?")] = counts.get(replica.get("state", "?"), 0) + 1
             states = ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) or "no replicas"
-            target = (
-                dep.get("target_num_replicas")
-                if dep.get("target_num_replicas") is not None
-                else (dep.get("deployment_config") or {}).get("num_replicas")
+            print(
+                f"  {dname:<14} {dep.get('status'):<10} replicas: {states} "
+                f"(target {dep.get('target_num_replicas')})"
             )
-            print(f"  {dname:<14} {dep.get('status'):<10} replicas: {states} (target {target})")
     return 0
