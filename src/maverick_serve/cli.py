@@ -196,6 +196,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(args.address)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import httpx
+
+    from maverick_serve.bench.serve_bench import format_report, router_overhead, run_level
+
+    url = args.url.rstrip("/")
+    try:
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        raise CLIError(
+            f"no OpenAI-compatible server at {url} ({exc}); start one with `maverick-serve up`"
+        ) from None
+    model = args.model or models[0]["id"]
+    levels = []
+    for conc in args.concurrency:
+        print(f"load: concurrency {conc}, {args.requests_per_level} requests ...", flush=True)
+        levels.append(
+            asyncio.run(
+                run_level(
+                    url, model, conc, args.requests_per_level, args.image_share, args.max_tokens, seed=conc
+                )
+            )
+        )
+    print("router overhead: HTTP vs engine handle ...", flush=True)
+    overhead = asyncio.run(
+        router_overhead(
+            url, model, args.app, args.ray_address, args.overhead_samples, args.overhead_prompt_tokens
+        )
+    )
+    code = None
+    if args.model_dir is not None:
+        from maverick_serve.bench.serve_bench import router_code_overhead
+
+        print("router code overhead: in-process ASGI vs engine ...", flush=True)
+        code = asyncio.run(
+            router_code_overhead(str(args.model_dir), args.overhead_samples, args.overhead_prompt_tokens)
+        )
+    print(format_report(levels, overhead, code))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_pretrained_dir(args.model) if args.model else preset(args.preset)
     print(json.dumps(spec.to_hf() if args.hf else spec.model_dump(mode="json"), indent=2))
@@ -269,6 +312,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--kv-gib", type=float, default=0.5)
     gen.set_defaults(func=cmd_generate)
+
+    bs = bench.add_parser("serve", help="load a running cluster: throughput, TTFT/ITL, router overhead")
+    bs.add_argument("--url", default="http://127.0.0.1:8000", help="API base URL")
+    bs.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    bs.add_argument("--concurrency", type=_batch_sizes, default=[1, 4, 16], help="comma-separated levels")
+    bs.add_argument("--requests-per-level", type=_positive, default=32)
+    bs.add_argument("--image-share", type=float, default=0.25, help="fraction of requests with an image")
+    bs.add_argument("--max-tokens", type=_positive, default=32)
+    bs.add_argument("--app", default="maverick", help="Serve application name (for the handle path)")
+    bs.add_argument("--ray-address", default="auto", help="Ray cluster of the app (for the handle path)")
+    bs.add_argument("--overhead-samples", type=_positive, default=50)
+    bs.add_argument("--overhead-prompt-tokens", type=_positive, default=64)
+    bs.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="the served checkpoint: also split the overhead into router code vs Serve's hop",
+    )
+    bs.set_defaults(func=cmd_bench_serve)
 
     cfg = sub.add_parser("config", help="inspect model configs").add_subparsers(dest="config", required=True)
     show = cfg.add_parser("show", help="print a preset's or a checkpoint's model spec")

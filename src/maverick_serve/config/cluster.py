@@ -98,6 +98,9 @@ class ObservabilityConfig(BaseModel):
 
     metrics_interval_s: float = Field(1.0, gt=0, description="How often engine replicas export their stats.")
     log_level: str = Field("INFO", description="Python log level of replicas.")
+    access_log: bool = Field(
+        False, description="Serve's per-request access log lines (off: ~1 ms less per hop on small machines)."
+    )
 
 
 class ClusterConfig(BaseModel):

@@ -24,12 +24,17 @@ ENGINE_DEPLOYMENT = "LlamaEngine"
 def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
     """Serve options per deployment, from the config (exposed for tests and the Helm chart)."""
     r, e = config.resources.router, config.resources.engine
+    logging_config = {
+        "enable_access_log": config.observability.access_log,
+        "log_level": config.observability.log_level,
+    }
     return {
         ROUTER_DEPLOYMENT: {
             "name": ROUTER_DEPLOYMENT,
             "num_replicas": r.replicas,
             "max_ongoing_requests": r.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+            "logging_config": logging_config,
         },
         ENGINE_DEPLOYMENT: {
             "name": ENGINE_DEPLOYMENT,
@@ -37,6 +42,7 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "max_ongoing_requests": e.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
             "health_check_period_s": 5,
+            "logging_config": logging_config,
         },
     }
 

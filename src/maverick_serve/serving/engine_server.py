@@ -42,7 +42,7 @@ class EngineServer:
         cfg = ClusterConfig.model_validate(config)
         if cfg.model.path is None:
             raise ValueError("model.path must be resolved by the builder before replicas start")
-        logging.basicConfig(level=cfg.observability.log_level)
+        logging.getLogger("maverick_serve").setLevel(cfg.observability.log_level)
         model_dir = Path(cfg.model.path)
         self.config = cfg
         self.engine = NativeEngine.from_pretrained(model_dir, cfg.engine)

@@ -91,7 +91,10 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        serve.start(http_options={"host": http.host, "port": http.port})
+        serve.start(
+            http_options={"host": http.host, "port": http.port},
+            logging_config={"enable_access_log": config.observability.access_log},
+        )
         replicas = config.resources.engine.replicas
         print(
             f"deploying {config.app_name}: router + {replicas} engine replica(s) of {config.model.path} ...",
