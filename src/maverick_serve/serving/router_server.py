@@ -221,42 +221,47 @@ class RouterServer:
             return choice
 
         choices = await asyncio.gather(*(drain(i) for i in range(len(streams))))
-        usage = _usage(choices)
+        body = [
+            self._choice_body(kind, c.index, "".join(c.text), c.logprobs, c.finish_reason) for c in choices
+        ]
+        return self._envelope(kind, rid, stream=False) | {"choices": body, "usage": _usage(choices)}
+
+    def _envelope(self, kind: str, rid: str, stream: bool) -> dict[str, Any]:
+        """The fields every chat/completion response or chunk starts with."""
         if kind == "chat":
-            body = [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": "".join(c.text)},
-                    "logprobs": self._chat_logprobs(c.logprobs) if c.logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in choices
-            ]
+            obj = "chat.completion.chunk" if stream else "chat.completion"
             return {
                 "id": f"chatcmpl-{rid}",
-                "object": "chat.completion",
+                "object": obj,
                 "created": int(time.time()),
                 "model": self.model_name,
-                "choices": body,
-                "usage": usage,
             }
-        body = [
-            {
-                "index": c.index,
-                "text": "".join(c.text),
-                "logprobs": self._completion_logprobs(c.logprobs) if c.logprobs else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ]
         return {
             "id": f"cmpl-{rid}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.model_name,
-            "choices": body,
-            "usage": usage,
         }
+
+    def _choice_body(
+        self,
+        kind: str,
+        index: int,
+        text: str,
+        logprobs: list[dict[str, Any]] | None,
+        finish_reason: str | None,
+        delta: bool = False,
+    ) -> dict[str, Any]:
+        if kind == "chat":
+            lp = self._chat_logprobs(logprobs) if logprobs else None
+            content = {
+                "delta" if delta else "message": {"content": text}
+                if delta
+                else {"role": "assistant", "content": text}
+            }
+            return {"index": index, **content, "logprobs": lp, "finish_reason": finish_reason}
+        lp = self._completion_logprobs(logprobs) if logprobs else None
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
     async def _sse(
         self,
@@ -266,9 +271,7 @@ class RouterServer:
         firsts: list[dict[str, Any]],
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        created = int(time.time())
-        cid = f"chatcmpl-{rid}" if kind == "chat" else f"cmpl-{rid}"
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        head = self._envelope(kind, rid, stream=True)
         queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
 
         async def pump(i: int) -> None:
@@ -283,22 +286,13 @@ class RouterServer:
         try:
             if kind == "chat":
                 for i in range(len(streams)):
-                    yield _sse_data(
-                        {
-                            "id": cid,
-                            "object": obj,
-                            "created": created,
-                            "model": self.model_name,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
+                    role = {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    yield _sse_data(head | {"choices": [role]})
             done = 0
             while done < len(streams):
                 i, event = await queue.get()
@@ -309,41 +303,13 @@ class RouterServer:
                     yield _sse_data(APIError(event["error"]["status"], event["error"]["message"]).body())
                     break
                 self._apply(choices[i], event)
-                lps = event.get("logprobs")
-                if kind == "chat":
-                    choice: dict[str, Any] = {
-                        "index": i,
-                        "delta": {"content": event["text_delta"]},
-                        "logprobs": self._chat_logprobs(lps) if lps else None,
-                        "finish_reason": event["finish_reason"] if event["finished"] else None,
-                    }
-                else:
-                    choice = {
-                        "index": i,
-                        "text": event["text_delta"],
-                        "logprobs": self._completion_logprobs(lps) if lps else None,
-                        "finish_reason": event["finish_reason"] if event["finished"] else None,
-                    }
-                yield _sse_data(
-                    {
-                        "id": cid,
-                        "object": obj,
-                        "created": created,
-                        "model": self.model_name,
-                        "choices": [choice],
-                    }
+                finish = event["finish_reason"] if event["finished"] else None
+                body = self._choice_body(
+                    kind, i, event["text_delta"], event.get("logprobs"), finish, delta=True
                 )
+                yield _sse_data(head | {"choices": [body]})
             if include_usage:
-                yield _sse_data(
-                    {
-                        "id": cid,
-                        "object": obj,
-                        "created": created,
-                        "model": self.model_name,
-                        "choices": [],
-                        "usage": _usage(choices),
-                    }
-                )
+                yield _sse_data(head | {"choices": [], "usage": _usage(choices)})
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:
