@@ -80,3 +80,28 @@ def test_options_follow_config() -> None:
     assert opts[ENGINE_DEPLOYMENT]["num_replicas"] == 3
     assert opts[ENGINE_DEPLOYMENT]["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert opts[ROUTER_DEPLOYMENT]["name"] == "Router"
+
+
+def test_cluster_fit_is_checked_at_build() -> None:
+    from maverick_serve.serving.builder import check_cluster_fit, required_resources
+
+    cfg = ClusterConfig.model_validate(
+        {
+            "experts": {"mode": "disaggregated", "ep_degree": 4, "worker_num_cpus": 2},
+            "resources": {"engine": {"replicas": 2, "num_cpus": 1}},
+        }
+    )
+    assert required_resources(cfg) == {"CPU": 0.5 + 2 + 8, "GPU": 0.0}
+    check_cluster_fit(cfg, {"CPU": 16.0})
+    with pytest.raises(ValueError, match=r"needs 10.5 CPU .* cluster has 8"):
+        check_cluster_fit(cfg, {"CPU": 8.0})
+    gpu = ClusterConfig.model_validate(
+        {"experts": {"mode": "disaggregated", "ep_degree": 8, "worker_num_gpus": 1, "worker_device": "cuda"}}
+    )
+    with pytest.raises(ValueError, match="needs 8 GPU"):
+        check_cluster_fit(gpu, {"CPU": 64.0, "GPU": 4.0})
+
+
+def test_ep_above_one_needs_disaggregated_mode() -> None:
+    with pytest.raises(ValidationError, match=r"needs experts\.mode: disaggregated"):
+        ClusterConfig.model_validate({"experts": {"ep_degree": 2}})

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.experts import ExpertsConfig
 
 
 class ModelSourceConfig(BaseModel):
@@ -73,6 +74,10 @@ class ResourcesConfig(BaseModel):
         default_factory=lambda: ReplicaResources(replicas=1, num_cpus=1.0),
         description="Engine replicas; each owns one engine (one data-parallel rank).",
     )
+    check_cluster_fit: bool = Field(
+        True,
+        description="Refuse to build when the Ray cluster lacks the CPUs/GPUs (turn off with autoscaling).",
+    )
 
 
 class HttpConfig(BaseModel):
@@ -114,6 +119,10 @@ class ClusterConfig(BaseModel):
     )
     engine: EngineConfig = Field(
         default_factory=EngineConfig, description="Engine settings of every replica."
+    )
+    experts: ExpertsConfig = Field(
+        default_factory=ExpertsConfig,
+        description="Expert parallelism: local (EP=1) or disaggregated workers.",
     )
     router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP ingress limits and policy.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Replicas and resources.")

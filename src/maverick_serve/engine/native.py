@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
@@ -32,6 +33,10 @@ from maverick_serve.engine.types import (
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVCache
 from maverick_serve.model.checkpoint import load_model, torch_dtype
 from maverick_serve.model.llama4 import Llama4Model
+
+if TYPE_CHECKING:
+    from maverick_serve.config.experts import ExpertsConfig
+    from maverick_serve.experts.tier import ExpertTier
 
 _RATE_WINDOW_S = 10.0
 
@@ -60,8 +65,17 @@ def plan_kv_blocks(spec: ModelSpec, cfg: EngineConfig) -> dict[str, int]:
 
 
 class NativeEngine(Engine):
-    def __init__(self, model: Llama4Model, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: Llama4Model,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        expert_tier: ExpertTier | None = None,
+    ) -> None:
         self.model = model
+        self.expert_tier = expert_tier
+        if expert_tier is not None:
+            expert_tier.attach(model)
         self.spec = model.spec
         self.tokenizer = tokenizer
         self.config = config
@@ -84,13 +98,26 @@ class NativeEngine(Engine):
         self._seeds = torch.Generator().manual_seed(config.seed)
 
     @classmethod
-    def from_pretrained(cls, model_dir: Path, config: EngineConfig | None = None) -> NativeEngine:
+    def from_pretrained(
+        cls, model_dir: Path, config: EngineConfig | None = None, experts: ExpertsConfig | None = None
+    ) -> NativeEngine:
+        """Load the model; with `experts.mode: disaggregated` the routed experts stay on expert
+        workers (created, or found by name when another replica created them)."""
         config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        model = load_model(Path(model_dir), dtype=torch_dtype(config.dtype), device=config.device)
+        remote = experts is not None and experts.mode == "disaggregated"
+        model = load_model(
+            Path(model_dir), dtype=torch_dtype(config.dtype), device=config.device, skip_routed_experts=remote
+        )
         tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        return cls(model, tokenizer, config)
+        tier = None
+        if remote:
+            from maverick_serve.experts.tier import ExpertTier
+
+            assert experts is not None
+            tier = ExpertTier(Path(model_dir), model.spec, experts, dtype=config.dtype)
+        return cls(model, tokenizer, config, tier)
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
@@ -199,6 +226,8 @@ class NativeEngine(Engine):
             return outputs
         logits = self.runner.execute(chunks)
         self._steps += 1
+        if self.expert_tier is not None:
+            self.expert_tier.end_step()  # between steps: load statistics, maybe rebalance
         row = 0
         prefill_tokens = generated = 0
         for chunk in chunks:
@@ -301,7 +330,19 @@ class NativeEngine(Engine):
             decode_tokens_per_s=decode / span if span else 0.0,
             steps_total=self._steps,
             preemptions_total=self.scheduler.preemptions,
+            **self._expert_stats(),
         )
+
+    def _expert_stats(self) -> dict[str, object]:
+        tier = self.expert_tier
+        if tier is None:
+            return {}
+        return {
+            "expert_imbalance": tier.imbalance(),
+            "expert_tokens": tier.tracker.loads(),
+            "expert_rebalances_total": tier.rebalances,
+            "expert_failovers_total": tier.failovers,
+        }
 
     def score(self, request: EngineRequest) -> torch.Tensor:
         """Logits [prompt_len, vocab] of every prompt position in one forward (tests, prompt logprobs)."""

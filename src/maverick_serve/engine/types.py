@@ -139,3 +139,11 @@ class EngineStats(BaseModel):
     decode_tokens_per_s: float = Field(0.0, description="Tokens generated per second, recent window.")
     steps_total: int = Field(0, description="Engine steps run.")
     preemptions_total: int = Field(0, description="Requests preempted for lack of KV blocks.")
+    expert_imbalance: float | None = Field(
+        None, description="Max/mean expert-worker load over the window (disaggregated experts only)."
+    )
+    expert_tokens: dict[int, list[float]] = Field(
+        default_factory=dict, description="MoE layer → tokens per routed expert over the window."
+    )
+    expert_rebalances_total: int = Field(0, description="Placements switched by rebalancing.")
+    expert_failovers_total: int = Field(0, description="Expert workers failed over.")

@@ -27,6 +27,10 @@ class CheckpointError(ValueError):
     """The checkpoint lacks a tensor, has one of the wrong shape, or one we cannot use."""
 
 
+def is_routed_expert(name: str) -> bool:
+    return ".feed_forward.experts." in name
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
@@ -105,25 +109,29 @@ def load_model(
     spec: ModelSpec | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    skip_prefixes: tuple[str, ...] = (),
+    skip_routed_experts: bool = False,
 ) -> Llama4Model:
     """Build the model on the meta device and assign the checkpoint's tensors to it.
 
-    `skip_prefixes` leaves matching parameters unloaded (on meta): the expert-parallel tier
-    uses it so engine replicas do not hold routed experts that live on expert workers.
+    `skip_routed_experts` leaves the routed experts unloaded (on meta): with the expert-parallel
+    tier they live on expert workers, and engine replicas never hold them.
     """
     model_dir = Path(model_dir)
     spec = spec or ModelSpec.from_pretrained_dir(model_dir)
     dev = torch.device(device)
     with torch.device("meta"):
         model = Llama4Model(spec)
-    expected = {n: p.shape for n, p in model.named_parameters() if not n.startswith(skip_prefixes)}
+    expected = {
+        n: p.shape for n, p in model.named_parameters() if not (skip_routed_experts and is_routed_expert(n))
+    }
     state = read_state_dict(model_dir, spec, dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {model_dir} is missing tensors: {missing[:5]}{more}")
-    unexpected = sorted(n for n in set(state) - set(expected) if not n.startswith(skip_prefixes))
+    unexpected = sorted(
+        n for n in set(state) - set(expected) if not (skip_routed_experts and is_routed_expert(n))
+    )
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise CheckpointError(

@@ -47,7 +47,33 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
     }
 
 
+def required_resources(config: ClusterConfig) -> dict[str, float]:
+    """Logical CPUs and GPUs the app needs once every replica and expert worker is placed."""
+    r, e, x = config.resources.router, config.resources.engine, config.experts
+    workers = x.ep_degree if x.mode == "disaggregated" else 0
+    return {
+        "CPU": r.replicas * r.num_cpus + e.replicas * e.num_cpus + workers * x.worker_num_cpus,
+        "GPU": r.replicas * r.num_gpus + e.replicas * e.num_gpus + workers * x.worker_num_gpus,
+    }
+
+
+def check_cluster_fit(config: ClusterConfig, cluster: dict[str, float]) -> None:
+    """Fail at build time, naming what does not fit, instead of replicas pending forever."""
+    for key, need in required_resources(config).items():
+        have = cluster.get(key, 0.0)
+        if need > have:
+            raise ValueError(
+                f"the app needs {need:g} {key} (router + engine replicas + expert workers) but the Ray "
+                f"cluster has {have:g}; lower resources.*.replicas / num_{key.lower()}s or "
+                "experts.ep_degree, or add nodes"
+            )
+
+
 def build_app(config: ClusterConfig) -> Application:
+    import ray
+
+    if ray.is_initialized() and config.resources.check_cluster_fit:
+        check_cluster_fit(config, ray.cluster_resources())
     config = ensure_model(config)
     payload = config.model_dump(mode="json")
     options = deployment_options(config)

@@ -40,6 +40,16 @@ class EngineMetrics:
         self.generated = metrics.Gauge(
             PREFIX + "generated_tokens", "Tokens generated (total).", tag_keys=keys
         )
+        self.expert_imbalance = metrics.Gauge(
+            PREFIX + "expert_imbalance_ratio",
+            "Max/mean expert-worker load over the load window (1 = even).",
+            tag_keys=keys,
+        )
+        self.expert_tokens = metrics.Gauge(
+            PREFIX + "expert_tokens",
+            "Tokens per routed expert over the load window.",
+            tag_keys=(*keys, "layer", "expert"),
+        )
         self.preemptions = metrics.Gauge(
             PREFIX + "preemptions", "Preemptions for lack of KV blocks (total).", tag_keys=keys
         )
@@ -57,3 +67,8 @@ class EngineMetrics:
         self.prefix_hits.set(stats.prefix_cache_hit_tokens, t)
         self.generated.set(stats.generated_tokens_total, t)
         self.preemptions.set(stats.preemptions_total, t)
+        if stats.expert_imbalance is not None:
+            self.expert_imbalance.set(stats.expert_imbalance, t)
+        for layer, counts in stats.expert_tokens.items():
+            for expert, count in enumerate(counts):
+                self.expert_tokens.set(count, {**t, "layer": str(layer), "expert": str(expert)})

@@ -1,0 +1,197 @@
+"""The expert tier as seen by one engine: workers, placement, transport, load statistics,
+rebalancing and failover, plugged into the model through `ExpertExecutor`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maverick_serve.config.experts import ExpertsConfig
+from maverick_serve.config.model import ModelSpec
+from maverick_serve.experts.placement import ExpertPlacement, PlacementError
+from maverick_serve.experts.rebalance import rebalanced
+from maverick_serve.experts.stats import ExpertLoadTracker
+from maverick_serve.experts.transport import ExpertWorkerDied, RayActorTransport
+from maverick_serve.experts.worker import ExpertWorker
+from maverick_serve.model.llama4 import Llama4Model
+from maverick_serve.model.moe import ExpertExecutor, MoEFeedForward
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteExperts(nn.Module, ExpertExecutor):
+    """Stands in for `LocalExperts` in one MoE layer; runs the layer's experts through the tier."""
+
+    def __init__(self, tier: ExpertTier, layer: int) -> None:
+        super().__init__()
+        self.tier = tier
+        self.layer = layer
+
+    def run_experts(self, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return self.tier.run_layer(self.layer, tokens, expert_ids)
+
+
+def check_resources(cfg: ExpertsConfig, available: dict[str, float]) -> None:
+    """Refuse at build time a worker count the cluster cannot place (instead of hanging)."""
+    for key, per in (("CPU", cfg.worker_num_cpus), ("GPU", cfg.worker_num_gpus)):
+        need = per * cfg.ep_degree
+        have = available.get(key, 0.0)
+        if need > have:
+            raise PlacementError(
+                f"experts.ep_degree={cfg.ep_degree} workers × {per} {key} = {need:g} {key}, "
+                f"but the cluster has {have:g} {key}"
+            )
+
+
+class ExpertTier:
+    def __init__(self, model_dir: Path, spec: ModelSpec, cfg: ExpertsConfig, dtype: str = "float32") -> None:
+        import ray
+
+        if cfg.transport.type != "ray":
+            raise NotImplementedError(
+                "experts.transport.type=nccl runs through TorchDistributedTransport on GPU nodes "
+                "(see nccl_transport.py); this tier drives the Ray transport"
+            )
+        self.spec = spec
+        self.cfg = cfg
+        if cfg.ep_degree > spec.text.num_local_experts:
+            raise PlacementError(
+                f"experts.ep_degree={cfg.ep_degree} exceeds the "
+                f"{spec.text.num_local_experts} routed experts per layer"
+            )
+        entries = [(p.layer, p.expert, p.workers) for p in cfg.placement]
+        self.placement = ExpertPlacement.from_explicit(spec, cfg.ep_degree, entries)
+        self.group = self._placement_group(ray)
+        ray.get(self.group.ready(), timeout=120)
+        actor = ray.remote(ExpertWorker)
+        self.workers: list[Any] = []
+        for i in range(cfg.ep_degree):
+            strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=i
+            )
+            self.workers.append(
+                actor.options(
+                    name=f"{cfg.name_prefix}-{i}",
+                    get_if_exists=True,
+                    lifetime="detached",  # shared by every engine replica; outlives any one of them
+                    num_cpus=cfg.worker_num_cpus,
+                    num_gpus=cfg.worker_num_gpus,
+                    max_restarts=0,
+                    scheduling_strategy=strategy,
+                ).remote(str(model_dir), i, dtype, cfg.worker_device, cfg.worker_threads)
+            )
+        self.alive = set(range(cfg.ep_degree))
+        ray.get([w.load.remote(self.placement.assignments(i)) for i, w in enumerate(self.workers)])
+        self.transport = RayActorTransport(self.workers, self.placement)
+        self.tracker = ExpertLoadTracker(
+            spec.text.moe_layers, spec.text.num_local_experts, cfg.load_window_steps
+        )
+        self.steps = 0
+        self.rebalances = 0
+        self.failovers = 0
+
+    def _placement_group(self, ray: Any) -> Any:
+        """One named group per tier: engine replicas sharing the tier find it instead of each
+        reserving their own (the first creates it; a racing replica takes the winner's)."""
+        cfg = self.cfg
+        name = f"{cfg.name_prefix}-pg"
+        with contextlib.suppress(ValueError):
+            return ray.util.get_placement_group(name)
+        check_resources(cfg, ray.available_resources())
+        bundle = {"CPU": cfg.worker_num_cpus, **({"GPU": cfg.worker_num_gpus} if cfg.worker_num_gpus else {})}
+        try:
+            return ray.util.placement_group(
+                [bundle] * cfg.ep_degree, strategy=cfg.placement_strategy, name=name, lifetime="detached"
+            )
+        except ValueError:
+            return ray.util.get_placement_group(name)
+
+    # ---- data plane ------------------------------------------------------------------------
+    def attach(self, model: Llama4Model) -> None:
+        for layer in self.spec.text.moe_layers:
+            ff = model.language_model.model.layers[layer].feed_forward
+            assert isinstance(ff, MoEFeedForward)
+            ff.experts = RemoteExperts(self, layer)
+
+    def run_layer(self, layer: int, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        self.tracker.record(layer, expert_ids)
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                return self.transport.run_layer(layer, tokens, expert_ids)
+            except ExpertWorkerDied as exc:
+                if attempt == self.cfg.max_retries:
+                    raise
+                logger.warning("%s; failing over (attempt %d)", exc, attempt + 1)
+                self.fail_over(exc.worker)
+                self.transport.stats.retries += 1
+        raise AssertionError("unreachable")
+
+    # ---- control plane ---------------------------------------------------------------------
+    def _switch(self, new: ExpertPlacement) -> None:
+        """Load every new assignment first, then switch; in-flight steps keep the old placement."""
+        import ray
+
+        ray.get([self.workers[w].load.remote(new.assignments(w)) for w in sorted(self.alive)])
+        self.placement = new
+        self.transport.set_placement(new)
+
+    def fail_over(self, dead: int) -> None:
+        import ray
+
+        self.alive.discard(dead)
+        with_dead_removed = self.placement.without_worker(dead, self.tracker.loads())
+        self._switch(with_dead_removed)
+        self.failovers += 1
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(self.workers[dead])
+
+    def end_step(self) -> None:
+        self.tracker.end_step()
+        self.steps += 1
+        rb = self.cfg.rebalance
+        if rb.enabled and self.steps % rb.interval_steps == 0 and self.imbalance() > rb.imbalance_threshold:
+            self.rebalance()
+
+    def rebalance(self) -> ExpertPlacement:
+        """Replicate hot experts and repack by load over the live workers; load, then switch."""
+        alive = sorted(self.alive)
+        loads = self.tracker.loads()
+        slots = (
+            math.ceil(self.spec.text.num_local_experts / len(alive))
+            + self.cfg.rebalance.redundant_slots_per_worker
+        )
+        compact = ExpertPlacement(
+            len(alive),
+            self.placement.moe_layers,
+            self.placement.num_experts,
+            {
+                layer: tuple((0,) for _ in range(self.placement.num_experts))
+                for layer in self.placement.moe_layers
+            },
+        )
+        balanced = rebalanced(compact, loads, slots)
+        mapped = {
+            layer: tuple(tuple(alive[w] for w in ws) for ws in row)
+            for layer, row in balanced.replicas.items()
+        }
+        new = self.placement.with_replicas(mapped)
+        self._switch(new)
+        self.rebalances += 1
+        return new
+
+    def imbalance(self) -> float:
+        return self.tracker.imbalance(self.placement)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(w)
+        ray.util.remove_placement_group(self.group)
