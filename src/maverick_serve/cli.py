@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -239,9 +240,68 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_experts(args: argparse.Namespace) -> int:
+    import ray
+
+    from maverick_serve.bench.experts_bench import bench_ep, format_table
+
+    model = args.model or default_tiny_model()
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=args.logical_cpus,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    cfg = EngineConfig(kv_cache_memory_gib=args.kv_gib, num_threads=args.threads)
+    rows = []
+    for ep in args.ep:
+        for compiled in [False] if ep == 1 else [c == "compiled" for c in args.transports]:
+            label = "local" if ep == 1 else ("compiled graph" if compiled else "actor calls")
+            print(f"EP={ep} ({label}): batch {args.batch}, decode {args.decode_tokens} ...", flush=True)
+            rows.append(
+                bench_ep(
+                    model, ep, args.batch, args.prompt_len, args.decode_tokens, args.repeats, cfg, compiled
+                )
+            )
+    print(format_table(rows, args.batch))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_pretrained_dir(args.model) if args.model else preset(args.preset)
     print(json.dumps(spec.to_hf() if args.hf else spec.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_config_plan(args: argparse.Namespace) -> int:
+    from maverick_serve.experts.placement import dense_bytes, plan_worker_bytes
+
+    spec = preset(args.preset)
+    gib = 1024**3
+    t = spec.text
+    print(
+        f"{args.preset}: {len(t.moe_layers)} MoE layers × {t.num_local_experts} routed experts "
+        f"(3 × {t.hidden_size} × {t.intermediate_size} each); GPU memory {args.gpu_memory_gib:g} GiB, "
+        f"{args.reserve_gib:g} GiB reserved for activations/runtime"
+    )
+    print(
+        "attention + dense + shared experts (on engine replicas): "
+        f"{dense_bytes(spec, 'bfloat16') / gib:,.1f} GiB bf16, {dense_bytes(spec, 'fp8') / gib:,.1f} GiB fp8"
+    )
+    print(
+        f"{'EP':>4} {'experts/worker':>15} {'bf16 GiB/worker':>16} {'fits':>5} "
+        f"{'fp8 GiB/worker':>15} {'fits':>5}"
+    )
+    budget = args.gpu_memory_gib - args.reserve_gib
+    for ep in args.ep:
+        per = -(-(t.num_local_experts + args.redundant) // ep)
+        bf16 = plan_worker_bytes(spec, ep, "bfloat16", args.redundant) / gib
+        fp8 = plan_worker_bytes(spec, ep, "fp8", args.redundant) / gib
+        print(
+            f"{ep:>4} {per:>15} {bf16:>16,.1f} {'yes' if bf16 <= budget else 'no':>5} {fp8:>15,.1f} "
+            f"{'yes' if fp8 <= budget else 'no':>5}"
+        )
     return 0
 
 
@@ -332,12 +392,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bs.set_defaults(func=cmd_bench_serve)
 
+    bx = bench.add_parser("experts", help="EP=1 vs EP=k expert workers: MoE time, decode tok/s, bytes moved")
+    bx.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    bx.add_argument(
+        "--ep", type=_batch_sizes, default=[1, 2, 4], help="EP degrees; 1 = experts in the engine"
+    )
+    bx.add_argument("--batch", type=_positive, default=32)
+    bx.add_argument("--prompt-len", type=_positive, default=64)
+    bx.add_argument("--decode-tokens", type=_positive, default=32)
+    bx.add_argument("--repeats", type=_positive, default=3)
+    bx.add_argument("--threads", type=_positive, default=None, help="torch threads of the engine")
+    bx.add_argument("--kv-gib", type=float, default=0.5)
+    bx.add_argument(
+        "--transports",
+        type=lambda s: [t for t in s.split(",") if t],
+        default=["actor", "compiled"],
+        help="Ray transports to measure for EP > 1: actor, compiled",
+    )
+    bx.add_argument("--logical-cpus", type=_positive, default=8, help="logical CPUs of the local Ray")
+    bx.set_defaults(func=cmd_bench_experts)
+
     cfg = sub.add_parser("config", help="inspect model configs").add_subparsers(dest="config", required=True)
     show = cfg.add_parser("show", help="print a preset's or a checkpoint's model spec")
     show.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     show.add_argument("--model", type=Path, default=None, help="read config.json from this folder instead")
     show.add_argument("--hf", action="store_true", help="print as Hugging Face config.json")
     show.set_defaults(func=cmd_config_show)
+    plan = cfg.add_parser(
+        "plan", help="expert weight bytes per expert worker for EP degrees, and whether they fit"
+    )
+    plan.add_argument("--preset", default="maverick", choices=sorted(PRESETS))
+    plan.add_argument("--ep", type=_batch_sizes, default=[8, 16, 32], help="comma-separated EP degrees")
+    plan.add_argument(
+        "--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100 80, H200 141)"
+    )
+    plan.add_argument("--reserve-gib", type=float, default=8.0, help="kept free for activations and runtime")
+    plan.add_argument("--redundant", type=int, default=0, help="redundant expert copies per layer")
+    plan.set_defaults(func=cmd_config_plan)
     return parser
 
 

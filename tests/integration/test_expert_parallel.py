@@ -154,3 +154,43 @@ def test_bad_placements_are_refused_at_build(tiny_model: Path) -> None:
         NativeEngine.from_pretrained(tiny_model, ENGINE, _experts(2, worker_num_cpus=100))
     with pytest.raises(PlacementError, match="GPU"):
         NativeEngine.from_pretrained(tiny_model, ENGINE, _experts(2, worker_num_gpus=1, worker_device="cuda"))
+
+
+def test_compiled_graph_transport_same_tokens_and_failover(
+    tiny_model: Path, reference: dict[str, list[int]]
+) -> None:
+    engine = NativeEngine.from_pretrained(
+        tiny_model, ENGINE, _experts(2, transport={"type": "ray", "compiled": True})
+    )
+    tier = engine.expert_tier
+    assert tier is not None
+
+    def kill_at_step(step: int) -> None:
+        if step == 5:
+            ray.kill(tier.workers[0])
+
+    try:
+        assert _generate(engine, _prompts()) == reference
+        assert _generate(engine, _prompts(), on_step=kill_at_step) == reference
+        assert tier.failovers == 1 and tier.alive == {1}
+    finally:
+        tier.shutdown()
+
+
+def test_collective_transport_all_to_all_over_gloo(tiny_model: Path, reference: dict[str, list[int]]) -> None:
+    """The NCCL dispatch/combine code path, run on CPU with the gloo backend (tests/gpu runs NCCL)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _experts(2, transport={"type": "nccl", "backend": "gloo", "master_port": port, "timeout_s": 60})
+    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, cfg)
+    tier = engine.expert_tier
+    assert tier is not None
+    try:
+        assert _generate(engine, _prompts()) == reference
+        assert tier.transport.stats.calls > 0 and tier.transport.stats.bytes_moved > 0
+    finally:
+        tier.shutdown()
+    assert all(n > 0 for n in ray.get(tier._serving))  # every worker served layers, then stopped

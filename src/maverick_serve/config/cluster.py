@@ -137,6 +137,15 @@ class ClusterConfig(BaseModel):
             raise ValueError(
                 "engine.device is CUDA but resources.engine.num_gpus is 0: give engine replicas GPUs"
             )
+        if (
+            self.experts.mode == "disaggregated"
+            and getattr(self.experts.transport, "compiled", False)
+            and self.resources.engine.replicas > 1
+        ):
+            raise ValueError(
+                "experts.transport.compiled binds the expert workers to one engine; with "
+                f"resources.engine.replicas={self.resources.engine.replicas} use compiled: false"
+            )
         if self.router.max_images_per_request > self.engine.max_images_per_request:
             raise ValueError(
                 f"router.max_images_per_request ({self.router.max_images_per_request}) exceeds "

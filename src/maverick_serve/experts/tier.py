@@ -6,18 +6,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from maverick_serve.config.experts import ExpertsConfig
+from maverick_serve.config.experts import ExpertsConfig, NcclTransportConfig
 from maverick_serve.config.model import ModelSpec
+from maverick_serve.experts.collective import CollectiveTransport
 from maverick_serve.experts.placement import ExpertPlacement, PlacementError
 from maverick_serve.experts.rebalance import rebalanced
 from maverick_serve.experts.stats import ExpertLoadTracker
-from maverick_serve.experts.transport import ExpertWorkerDied, RayActorTransport
+from maverick_serve.experts.transport import (
+    ExpertTransport,
+    ExpertWorkerDied,
+    RayActorTransport,
+    RayCompiledTransport,
+)
 from maverick_serve.experts.worker import ExpertWorker
 from maverick_serve.model.llama4 import Llama4Model
 from maverick_serve.model.moe import ExpertExecutor, MoEFeedForward
@@ -26,15 +33,17 @@ logger = logging.getLogger(__name__)
 
 
 class RemoteExperts(nn.Module, ExpertExecutor):
-    """Stands in for `LocalExperts` in one MoE layer; runs the layer's experts through the tier."""
+    """Stands in for `LocalExperts` in one MoE layer; runs the layer's experts elsewhere."""
 
-    def __init__(self, tier: ExpertTier, layer: int) -> None:
+    def __init__(
+        self, run_layer: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], layer: int
+    ) -> None:
         super().__init__()
-        self.tier = tier
+        self.run_layer = run_layer
         self.layer = layer
 
     def run_experts(self, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        return self.tier.run_layer(self.layer, tokens, expert_ids)
+        return self.run_layer(self.layer, tokens, expert_ids)
 
 
 def check_resources(cfg: ExpertsConfig, available: dict[str, float]) -> None:
@@ -53,11 +62,6 @@ class ExpertTier:
     def __init__(self, model_dir: Path, spec: ModelSpec, cfg: ExpertsConfig, dtype: str = "float32") -> None:
         import ray
 
-        if cfg.transport.type != "ray":
-            raise NotImplementedError(
-                "experts.transport.type=nccl runs through TorchDistributedTransport on GPU nodes "
-                "(see nccl_transport.py); this tier drives the Ray transport"
-            )
         self.spec = spec
         self.cfg = cfg
         if cfg.ep_degree > spec.text.num_local_experts:
@@ -83,18 +87,52 @@ class ExpertTier:
                     num_cpus=cfg.worker_num_cpus,
                     num_gpus=cfg.worker_num_gpus,
                     max_restarts=0,
+                    max_concurrency=2,  # the collective serve loop blocks one thread; load/ping use the other
                     scheduling_strategy=strategy,
                 ).remote(str(model_dir), i, dtype, cfg.worker_device, cfg.worker_threads)
             )
         self.alive = set(range(cfg.ep_degree))
         ray.get([w.load.remote(self.placement.assignments(i)) for i, w in enumerate(self.workers)])
-        self.transport = RayActorTransport(self.workers, self.placement)
+        self.transport: ExpertTransport
+        self._serving: list[Any] = []
+        if isinstance(cfg.transport, NcclTransportConfig):
+            self.transport = self._start_collective(cfg.transport, spec)
+        elif cfg.transport.compiled:
+            self.transport = RayCompiledTransport(self.workers, self.placement)
+        else:
+            self.transport = RayActorTransport(self.workers, self.placement)
         self.tracker = ExpertLoadTracker(
             spec.text.moe_layers, spec.text.num_local_experts, cfg.load_window_steps
         )
         self.steps = 0
         self.rebalances = 0
         self.failovers = 0
+
+    def _start_collective(self, tcfg: NcclTransportConfig, spec: ModelSpec) -> ExpertTransport:
+        """Engine = rank 0, worker w = rank w + 1; workers block in their serve loop (a threaded
+        actor keeps load/ping answerable)."""
+        import datetime
+
+        import ray
+        import torch.distributed as dist
+
+        from maverick_serve.experts.collective import CollectiveTransport
+
+        init = f"tcp://{ray.util.get_node_ip_address()}:{tcfg.master_port}"
+        world = self.cfg.ep_degree + 1
+        self._serving = [
+            w.serve_collective.remote(init, i + 1, world, tcfg.backend, tcfg.timeout_s)
+            for i, w in enumerate(self.workers)
+        ]
+        dist.init_process_group(
+            tcfg.backend,
+            init_method=init,
+            rank=0,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=tcfg.timeout_s),
+        )
+        device = torch.device("cuda" if tcfg.backend == "nccl" else "cpu")
+        return CollectiveTransport(self.placement, spec.text.hidden_size, device)
 
     def _placement_group(self, ray: Any) -> Any:
         """One named group per tier: engine replicas sharing the tier find it instead of each
@@ -117,7 +155,7 @@ class ExpertTier:
         for layer in self.spec.text.moe_layers:
             ff = model.language_model.model.layers[layer].feed_forward
             assert isinstance(ff, MoEFeedForward)
-            ff.experts = RemoteExperts(self, layer)
+            ff.experts = RemoteExperts(self.run_layer, layer)
 
     def run_layer(self, layer: int, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.tracker.record(layer, expert_ids)
@@ -145,6 +183,7 @@ class ExpertTier:
         import ray
 
         self.alive.discard(dead)
+        self.transport.drop_worker(dead)
         with_dead_removed = self.placement.without_worker(dead, self.tracker.loads())
         self._switch(with_dead_removed)
         self.failovers += 1
@@ -191,6 +230,14 @@ class ExpertTier:
     def shutdown(self) -> None:
         import ray
 
+        if isinstance(self.transport, RayCompiledTransport):
+            self.transport.close()
+        if isinstance(self.transport, CollectiveTransport):
+            import torch.distributed as dist
+
+            self.transport.stop_workers()
+            ray.get(self._serving, timeout=30)
+            dist.destroy_process_group()
         for w in self.workers:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(w)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -59,6 +60,9 @@ class ExpertTransport(ABC):
 
     @abstractmethod
     def set_placement(self, placement: ExpertPlacement) -> None: ...
+
+    def drop_worker(self, worker: int) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Forget a dead worker (called on failover, before the new placement is set)."""
 
 
 def route_rows(placement: ExpertPlacement, layer: int, expert_ids: np.ndarray) -> np.ndarray:
@@ -128,3 +132,75 @@ class RayActorTransport(ExpertTransport):
             except self._actor_error:
                 return w
         return candidates[0]
+
+
+class RayCompiledTransport(RayActorTransport):
+    """The same dispatch/combine through a Ray compiled graph: one static graph calls every live
+    worker per MoE layer over shared-memory channels, ~4× less per-call overhead than actor calls
+    here. A compiled graph binds its actors, so one engine owns the tier (engine replicas = 1)."""
+
+    def __init__(self, workers: list[Any], placement: ExpertPlacement) -> None:
+        super().__init__(workers, placement)
+        import ray
+
+        self._channel_error: tuple[type[BaseException], ...] = (
+            ray.exceptions.RayChannelError,
+            ray.exceptions.RayActorError,
+        )
+        self.live = list(range(len(workers)))
+        self._graph: Any = None
+
+    def _compiled(self) -> Any:
+        if self._graph is None:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as inp:
+                dag = MultiOutputNode(
+                    [self.workers[w].run_packed.bind(inp[i]) for i, w in enumerate(self.live)]
+                )
+            self._graph = dag.experimental_compile()
+        return self._graph
+
+    def drop_worker(self, worker: int) -> None:
+        if worker in self.live:
+            self.live.remove(worker)
+        self.close()
+
+    def close(self) -> None:
+        if self._graph is not None:
+            with contextlib.suppress(Exception):
+                self._graph.teardown()
+            self._graph = None
+
+    def run_layer(self, layer: int, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = torch.empty_like(tokens)
+        if tokens.shape[0] == 0:
+            return out
+        ids = expert_ids.cpu().numpy()
+        x = tokens.detach().float().cpu().numpy()
+        dest = route_rows(self.placement, layer, ids)
+        payloads: list[tuple[int, np.ndarray, np.ndarray] | None] = []
+        rows_of: list[np.ndarray] = []
+        for w in self.live:
+            rows = np.nonzero(dest == w)[0]
+            rows_of.append(rows)
+            payloads.append((layer, x[rows], ids[rows]) if len(rows) else None)
+        try:
+            results = self._get(self._compiled().execute(*payloads))
+        except self._channel_error as exc:
+            self.close()
+            dead = self._find_dead(list(self.live))
+            raise ExpertWorkerDied(dead, exc) from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for rows, result in zip(rows_of, results, strict=True):
+                if result is not None:
+                    out[torch.from_numpy(rows).to(out.device)] = torch.from_numpy(result).to(
+                        out.device, out.dtype
+                    )
+        self.stats.calls += sum(p is not None for p in payloads)
+        self.stats.tokens += len(ids)
+        self.stats.bytes_moved += 2 * x.nbytes
+        self.stats.seconds += time.perf_counter() - start
+        return out

@@ -8,6 +8,7 @@ outputs [n, hidden] out, in the same row order.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ class ExpertWorker:
         self.device = torch.device(device)
         self.shards: dict[int, _LayerShard] = {layer: _LayerShard() for layer in self.spec.text.moe_layers}
         self.tokens_served = 0
+        self.compute_seconds = 0.0
 
     def load(self, assignments: dict[int, list[int]]) -> int:
         """Make sure every assigned expert is held (loading is done before any switch). Returns
@@ -97,12 +99,55 @@ class ExpertWorker:
             missing = sorted(set(ids[local < 0].tolist()))
             raise KeyError(f"expert worker {self.worker_id} does not hold experts {missing} of layer {layer}")
         assert shard.gate_up is not None and shard.down is not None
+        start = time.perf_counter()
         x = torch.from_numpy(np.asarray(tokens)).to(self.device, self.dtype)
         with torch.inference_mode():
             out = grouped_expert_forward(x, local.to(self.device), shard.gate_up, shard.down)
         self.tokens_served += len(ids)
+        self.compute_seconds += time.perf_counter() - start
         # The wire format is fp32 numpy (numpy has no bf16); the engine casts back.
         return out.float().cpu().numpy()
 
-    def ping(self) -> dict[str, int]:
-        return {"worker": self.worker_id, "pid": os.getpid(), "tokens_served": self.tokens_served}
+    def run_tensor(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Collective path: tensors already on this worker's device."""
+        shard = self.shards[layer]
+        local = shard.local_index.to(expert_ids.device)[expert_ids]
+        if (local < 0).any():
+            raise KeyError(f"expert worker {self.worker_id} does not hold some experts of layer {layer}")
+        assert shard.gate_up is not None and shard.down is not None
+        with torch.inference_mode():
+            return grouped_expert_forward(x.to(self.dtype), local, shard.gate_up, shard.down)
+
+    def serve_collective(
+        self, init_method: str, rank: int, world: int, backend: str, timeout_s: float
+    ) -> int:
+        """Join the engine's process group and answer all-to-all exchanges until told to stop."""
+        import datetime
+
+        import torch.distributed as dist
+
+        from maverick_serve.experts.collective import serve_collective
+
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        try:
+            return serve_collective(self.run_tensor, rank, world, self.spec.text.hidden_size, self.device)
+        finally:
+            dist.destroy_process_group()
+
+    def run_packed(self, payload: tuple[int, np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+        """Compiled-graph entry: every worker is called each layer; idle ones get None."""
+        return None if payload is None else self.run(*payload)
+
+    def ping(self) -> dict[str, float]:
+        return {
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "tokens_served": self.tokens_served,
+            "compute_seconds": self.compute_seconds,
+        }
