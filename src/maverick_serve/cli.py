@@ -256,12 +256,11 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
     cfg = EngineConfig(kv_cache_memory_gib=args.kv_gib, num_threads=args.threads)
     rows = []
     for ep in args.ep:
-        for compiled in [False] if ep == 1 else [c == "compiled" for c in args.transports]:
-            label = "local" if ep == 1 else ("compiled graph" if compiled else "actor calls")
-            print(f"EP={ep} ({label}): batch {args.batch}, decode {args.decode_tokens} ...", flush=True)
+        for transport in ["local"] if ep == 1 else args.transports:
+            print(f"EP={ep} ({transport}): batch {args.batch}, decode {args.decode_tokens} ...", flush=True)
             rows.append(
                 bench_ep(
-                    model, ep, args.batch, args.prompt_len, args.decode_tokens, args.repeats, cfg, compiled
+                    model, ep, args.batch, args.prompt_len, args.decode_tokens, args.repeats, cfg, transport
                 )
             )
     print(format_table(rows, args.batch))
@@ -406,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument(
         "--transports",
         type=lambda s: [t for t in s.split(",") if t],
-        default=["actor", "compiled"],
-        help="Ray transports to measure for EP > 1: actor, compiled",
+        default=["actor", "compiled", "gloo"],
+        help="transports to measure for EP > 1: actor (Ray calls), compiled (Ray compiled graph), "
+        "gloo (the all-to-all collective path on CPU)",
     )
     bx.add_argument("--logical-cpus", type=_positive, default=8, help="logical CPUs of the local Ray")
     bx.set_defaults(func=cmd_bench_experts)

@@ -33,6 +33,24 @@ class EPFigures:
     tier_share: float
 
 
+TRANSPORT_LABELS = {"actor": "actor-calls", "compiled": "compiled-graph", "gloo": "all-to-all/gloo"}
+
+
+def _transport(name: str) -> dict[str, Any]:
+    if name == "actor":
+        return {"type": "ray"}
+    if name == "compiled":
+        return {"type": "ray", "compiled": True}
+    if name == "gloo":
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return {"type": "nccl", "backend": "gloo", "master_port": port}
+    raise ValueError(f"--transports: unknown transport {name!r}; choose from {sorted(TRANSPORT_LABELS)}")
+
+
 def _moe_timer(engine: NativeEngine) -> tuple[list[float], list[Any]]:
     times: list[float] = []
     handles = []
@@ -54,7 +72,7 @@ def bench_ep(
     decode_tokens: int,
     repeats: int,
     engine_cfg: EngineConfig,
-    compiled: bool = False,
+    transport: str = "actor",
 ) -> EPFigures:
     experts = None
     if ep > 1:
@@ -63,7 +81,7 @@ def bench_ep(
             ep_degree=ep,
             worker_num_cpus=0.5,
             worker_threads=1,
-            transport={"type": "ray", "compiled": compiled},
+            transport=_transport(transport),
             name_prefix=f"bench-{uuid.uuid4().hex[:6]}",
         )
     cfg = engine_cfg.model_copy(
@@ -97,7 +115,7 @@ def bench_ep(
         routed = (tier.transport.stats.tokens - b_before[1]) if tier else 1
         return EPFigures(
             ep=ep if experts else 1,
-            mode=("compiled-graph" if compiled else "actor-calls") if experts else "local",
+            mode=TRANSPORT_LABELS[transport] if experts else "local",
             moe_layer_ms=1000 * sum(times) / max(1, moe_calls),
             decode_tokens_per_s=batch * decode_tokens / (long - short) if long > short else float("nan"),
             bytes_per_token_per_layer=moved / max(1, routed),
