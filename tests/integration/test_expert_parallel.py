@@ -194,3 +194,25 @@ def test_collective_transport_all_to_all_over_gloo(tiny_model: Path, reference: 
     finally:
         tier.shutdown()
     assert all(n > 0 for n in ray.get(tier._serving))  # every worker served layers, then stopped
+
+
+def test_rebalance_between_steps_mid_generation(tiny_model: Path, reference: dict[str, list[int]]) -> None:
+    """Rebalancing applied by the engine loop while requests are in flight fails none of them."""
+    cfg = _experts(
+        2,
+        rebalance={
+            "enabled": True,
+            "interval_steps": 3,
+            "imbalance_threshold": 1.0,
+            "redundant_slots_per_worker": 2,
+        },
+    )
+    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, cfg)
+    tier = engine.expert_tier
+    assert tier is not None
+    try:
+        assert _generate(engine, _prompts()) == reference
+        assert tier.rebalances >= 2 and tier.placement.version >= 2
+        assert engine.stats().expert_rebalances_total == tier.rebalances
+    finally:
+        tier.shutdown()
