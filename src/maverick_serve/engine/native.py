@@ -5,6 +5,7 @@ It runs on CPU and CUDA through the same code (`EngineConfig.device`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from pathlib import Path
@@ -36,7 +37,9 @@ from maverick_serve.model.llama4 import Llama4Model
 
 if TYPE_CHECKING:
     from maverick_serve.config.experts import ExpertsConfig
+    from maverick_serve.config.kvtier import KVTierConfig
     from maverick_serve.experts.tier import ExpertTier
+    from maverick_serve.kvtier.connector import KVTierConnector
 
 _RATE_WINDOW_S = 10.0
 
@@ -71,6 +74,8 @@ class NativeEngine(Engine):
         tokenizer: Tokenizer,
         config: EngineConfig,
         expert_tier: ExpertTier | None = None,
+        kvtier: KVTierConfig | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.expert_tier = expert_tier
@@ -87,6 +92,16 @@ class NativeEngine(Engine):
         self.cache = PagedKVCache(t, blocks, config.block_size, torch_dtype(config.dtype), model.device)
         self.runner = ModelRunner(model, self.cache, self.kv)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.kv_connector: KVTierConnector | None = None
+        if kvtier is not None and kvtier.enabled:
+            if model_dir is None:
+                raise ValueError("the KV tier needs model_dir (its keys carry the weights' fingerprint)")
+            from maverick_serve.kvtier.connector import KVTierConnector
+
+            self.kv_connector = KVTierConnector.create(
+                kvtier, model_dir, self.spec, config.dtype, self.kv, self.cache
+            )
+            self.scheduler.external_prefix = self.kv_connector.extend_prefix
         limit = config.max_model_len or t.max_position_embeddings
         self.max_model_len = min(limit, t.max_position_embeddings, blocks[GLOBAL_GROUP] * config.block_size)
         self.seqs: dict[str, Sequence] = {}
@@ -99,7 +114,11 @@ class NativeEngine(Engine):
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: Path, config: EngineConfig | None = None, experts: ExpertsConfig | None = None
+        cls,
+        model_dir: Path,
+        config: EngineConfig | None = None,
+        experts: ExpertsConfig | None = None,
+        kvtier: KVTierConfig | None = None,
     ) -> NativeEngine:
         """Load the model; with `experts.mode: disaggregated` the routed experts stay on expert
         workers (created, or found by name when another replica created them)."""
@@ -117,7 +136,7 @@ class NativeEngine(Engine):
 
             assert experts is not None
             tier = ExpertTier(Path(model_dir), model.spec, experts, dtype=config.dtype)
-        return cls(model, tokenizer, config, tier)
+        return cls(model, tokenizer, config, tier, kvtier, Path(model_dir))
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
@@ -233,6 +252,8 @@ class NativeEngine(Engine):
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
+            if self.kv_connector is not None and chunk.start < seq.prompt_len:
+                self.kv_connector.after_step(seq, chunk.start)
             self.kv.register_full_blocks(
                 seq.blocks, seq.update_block_hashes(self.kv.block_size), seq.num_computed
             )
@@ -331,6 +352,7 @@ class NativeEngine(Engine):
             steps_total=self._steps,
             preemptions_total=self.scheduler.preemptions,
             **self._expert_stats(),
+            kvtier=dataclasses.asdict(self.kv_connector.client.stats) if self.kv_connector else {},
         )
 
     def _expert_stats(self) -> dict[str, object]:

@@ -10,6 +10,7 @@ oldest requests always make progress.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from maverick_serve.engine.kv_cache import KVCacheManager
@@ -41,6 +42,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.prefix_hit_tokens = 0
+        # Admission hook of an external KV tier: (seq, local hit) → tokens it loaded, or 0.
+        self.external_prefix: Callable[[Sequence, int], int] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -99,7 +102,13 @@ class Scheduler:
                 hit = self.kv.longest_cached_prefix(hashes, seq.num_tokens - 1)
                 if not self.kv.can_allocate(seq.blocks, hit, min(seq.num_tokens, hit + budget)):
                     hit = 0
-                if hit:
+                external = (
+                    self.external_prefix(seq, hit) if self.external_prefix and not seq.output_ids else 0
+                )
+                if external > hit:
+                    hit = external  # the tier allocated and filled the blocks
+                    self.kv.register_full_blocks(seq.blocks, hashes, hit)
+                elif hit:
                     self.kv.acquire_prefix(seq.blocks, hashes, hit)
                 seq.num_computed = hit
                 if not seq.output_ids:

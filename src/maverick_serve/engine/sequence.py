@@ -41,6 +41,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     num_emitted_tokens: int = 0
+    tier_hashes: list[bytes] | None = None  # KV-tier block hashes of the prompt
+    tier_stored: int = 0  # global-layer tier blocks already queued for storing
+    tier_chunked_stored: bool = False
 
     @property
     def request_id(self) -> str:

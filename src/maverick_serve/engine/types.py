@@ -145,5 +145,10 @@ class EngineStats(BaseModel):
     expert_tokens: dict[int, list[float]] = Field(
         default_factory=dict, description="MoE layer → tokens per routed expert over the window."
     )
+    kvtier: dict[str, float] = Field(
+        default_factory=dict,
+        description="KV tier counters: hit/miss tokens, bytes in/out, load/store seconds, blocks stored, "
+        "dropped stores, checksum failures, errors.",
+    )
     expert_rebalances_total: int = Field(0, description="Placements switched by rebalancing.")
     expert_failovers_total: int = Field(0, description="Expert workers failed over.")

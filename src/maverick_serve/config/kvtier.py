@@ -1,0 +1,54 @@
+"""KV-cache tier settings: the store, block size, write-behind queue and failure policy."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MemoryStoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["memory"] = Field("memory", description="Embedded in-process LRU (one replica only).")
+    capacity_bytes: int = Field(1 << 30, gt=0, description="Bytes kept before least-recently-used blocks go.")
+
+
+class RedisStoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["redis"] = Field("redis", description="Redis shared by every replica.")
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis://[:password@]host:port/db, rediss:// (TLS) or unix://path.",
+    )
+    max_connections: int = Field(32, ge=1, description="Connection pool size per replica.")
+    socket_timeout_s: float = Field(5.0, gt=0, description="Per-command timeout; slower answers are misses.")
+    ttl_s: int | None = Field(
+        24 * 3600, ge=1, description="Expiry of stored blocks (None: rely on eviction)."
+    )
+    max_value_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Blocks larger than this are not stored (Redis' hard limit: 512 MB).",
+    )
+
+
+StoreConfig = Annotated[MemoryStoreConfig | RedisStoreConfig, Field(discriminator="type")]
+
+
+class KVTierConfig(BaseModel):
+    """A shared KV tier: prefill once, reuse on any replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Store and reuse prompt KV through the tier.")
+    store: StoreConfig = Field(default_factory=MemoryStoreConfig, description="Where blocks live.")
+    block_size: int = Field(
+        256, gt=0, description="Tokens per stored block; a multiple of engine.block_size."
+    )
+    write_queue_blocks: int = Field(
+        256,
+        ge=1,
+        description="Blocks waiting to be stored; above this stores are dropped (decoding never waits).",
+    )
+    required: bool = Field(False, description="Refuse to start when the store is unreachable.")
+    key_prefix: str = Field("mvkv", min_length=1, description="Prefix of every key (share one Redis safely).")

@@ -1,0 +1,79 @@
+"""Versioned binary layout of one stored KV block. Never pickle: a header, then raw bytes.
+
+Header (little-endian): magic b"MVKV", version u16, dtype u8, group u8, ndim u8, shape u32×ndim,
+token start u64, token end u64, payload length u64, blake2b-16 checksum of the payload. A value
+that is truncated, foreign or fails its checksum is refused with `CorruptBlockError`; the caller
+counts it, deletes the key and recomputes (a miss, never a wrong answer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAGIC = b"MVKV"
+VERSION = 1
+_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
+_DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+GROUP_CODES = {"global": 0, "chunked": 1}
+_FIXED = struct.Struct("<4sHBBB")
+_TAIL = struct.Struct("<QQQ16s")
+
+
+class CorruptBlockError(ValueError):
+    """A stored value that is not a valid block of ours (truncated, foreign, bit-flipped)."""
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    dtype: torch.dtype
+    group: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def encode_block(tensor: torch.Tensor, group: str, start: int, end: int) -> bytes:
+    t = tensor.detach().contiguous().cpu()
+    raw = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+    head = _FIXED.pack(MAGIC, VERSION, _DTYPE_CODES[t.dtype], GROUP_CODES[group], t.dim())
+    dims = struct.pack(f"<{t.dim()}I", *t.shape)
+    digest = hashlib.blake2b(raw, digest_size=16).digest()
+    return head + dims + _TAIL.pack(start, end, len(raw), digest) + raw
+
+
+def decode_block(data: bytes) -> tuple[torch.Tensor, BlockHeader]:
+    if len(data) < _FIXED.size:
+        raise CorruptBlockError(f"value of {len(data)} bytes is shorter than a block header")
+    magic, version, dtype_code, group_code, ndim = _FIXED.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise CorruptBlockError("value under our key is not a maverick-serve KV block (bad magic)")
+    if version != VERSION:
+        raise CorruptBlockError(f"block layout version {version}; this build reads {VERSION}")
+    if dtype_code not in _DTYPES or group_code not in GROUP_CODES.values():
+        raise CorruptBlockError("unknown dtype or layer group code")
+    offset = _FIXED.size
+    dims_size = 4 * ndim
+    if len(data) < offset + dims_size + _TAIL.size:
+        raise CorruptBlockError("truncated block header")
+    shape = struct.unpack_from(f"<{ndim}I", data, offset)
+    offset += dims_size
+    start, end, length, digest = _TAIL.unpack_from(data, offset)
+    offset += _TAIL.size
+    payload = data[offset:]
+    if len(payload) != length:
+        raise CorruptBlockError(f"payload is {len(payload)} bytes; header says {length} (truncated value)")
+    if hashlib.blake2b(payload, digest_size=16).digest() != digest:
+        raise CorruptBlockError("checksum mismatch")
+    dtype = _DTYPES[dtype_code]
+    if dtype == torch.bfloat16:
+        tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(torch.bfloat16).reshape(shape)
+    else:
+        np_dtype = np.float32 if dtype == torch.float32 else np.float16
+        tensor = torch.from_numpy(np.frombuffer(payload, dtype=np_dtype).copy()).reshape(shape)
+    group = next(g for g, c in GROUP_CODES.items() if c == group_code)
+    return tensor, BlockHeader(dtype, group, tuple(shape), start, end)

@@ -1,0 +1,152 @@
+"""The KV tier over a real redis-server: reuse across replicas, corruption, fingerprints, outages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from maverick_serve.config import EngineConfig, preset
+from maverick_serve.config.kvtier import KVTierConfig
+from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.types import EngineRequest, SamplingParams
+from maverick_serve.model.make_model import make_model
+
+ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
+PROMPT = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _tier(url: str, **kw: Any) -> KVTierConfig:
+    # Tier blocks of 32 tokens (two per 64-token attention chunk) so prompts of a few hundred
+    # tokens store both layer groups: NoPE blocks everywhere, RoPE blocks of the final chunk.
+    return KVTierConfig.model_validate(
+        {"store": {"type": "redis", "url": url, "socket_timeout_s": 1.0}, "block_size": 32, **kw}
+    )
+
+
+def _generate(engine: NativeEngine, rid: str, prompt: list[int] = PROMPT) -> list[int]:
+    engine.add_request(
+        EngineRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    )
+    out: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out.extend(o.new_token_ids)
+    assert engine.kv_connector is not None
+    engine.kv_connector.client.flush()
+    return out
+
+
+def _plain(model: Path) -> NativeEngine:
+    """An engine whose tier is the embedded memory store: nothing shared, so always cold."""
+    return NativeEngine.from_pretrained(model, ENGINE, kvtier=KVTierConfig(block_size=32))
+
+
+@pytest.fixture(scope="module")
+def cold_tokens(tiny_model: Path) -> list[int]:
+    return _generate(_plain(tiny_model), "cold")
+
+
+def test_replica_b_reuses_kv_written_by_replica_a(
+    tiny_model: Path, redis_server: Any, cold_tokens: list[int]
+) -> None:
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    assert _generate(a, "a") == cold_tokens
+    stored = a.stats().kvtier
+    assert stored["blocks_stored"] == 7 + 1  # 7 NoPE blocks of [0, 224) + the RoPE block [192, 224)
+    assert len(redis_server.client().keys("mvkv:*")) == 8
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    assert _generate(b, "b") == cold_tokens
+    stats = b.stats()
+    assert stats.kvtier["hit_tokens"] == 224 and stats.kvtier["miss_tokens"] == 250 - 224
+    assert stats.kvtier["bytes_in"] > 0 and stats.prefix_cache_hit_tokens == 224
+
+
+def test_bit_flip_is_detected_deleted_and_recomputed(
+    tiny_model: Path, redis_server: Any, cold_tokens: list[int]
+) -> None:
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    _generate(a, "a")
+    r = redis_server.client()
+    key = sorted(k for k in r.keys("mvkv:*") if b":global:" in k)[0]
+    value = bytearray(r.get(key))
+    value[-100] ^= 0x10
+    r.set(key, bytes(value))
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    assert _generate(b, "b") == cold_tokens
+    assert b.stats().kvtier["checksum_failures"] == 1 and b.stats().kvtier["hit_tokens"] == 0
+    assert r.get(key) is not None  # b recomputed the prefix and stored a good block again
+    from maverick_serve.kvtier.codec import decode_block
+
+    decode_block(r.get(key))  # the stored value is valid again
+
+
+def test_foreign_or_truncated_value_is_a_miss(
+    tiny_model: Path, redis_server: Any, cold_tokens: list[int]
+) -> None:
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    _generate(a, "a")
+    r = redis_server.client()
+    keys = sorted(k for k in r.keys("mvkv:*") if b":global:" in k)
+    r.set(keys[0], b"not a block")
+    r.set(keys[1], r.get(keys[1])[:50])
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    assert _generate(b, "b") == cold_tokens
+    assert b.stats().kvtier["checksum_failures"] >= 1
+
+
+def test_other_weights_never_reuse_a_block(tiny_model: Path, redis_server: Any, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    make_model(preset("tiny"), other, seed=999)
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    _generate(a, "a")
+    b = NativeEngine.from_pretrained(other, ENGINE, kvtier=_tier(redis_server.url))
+    expected = _generate(_plain(other), "x")
+    assert _generate(b, "b") == expected
+    assert b.stats().kvtier["hit_tokens"] == 0
+    assert a.kv_connector is not None and b.kv_connector is not None
+    assert a.kv_connector.fingerprint != b.kv_connector.fingerprint
+
+
+def test_redis_outage_fails_no_request_and_hits_return(
+    tiny_model: Path, redis_server: Any, cold_tokens: list[int]
+) -> None:
+    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    redis_server.stop()
+    assert _generate(engine, "down") == cold_tokens  # served by recomputing
+    assert engine.stats().kvtier["errors"] >= 1 and engine.stats().kvtier["hit_tokens"] == 0
+    redis_server.start()  # same port, empty
+    other = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(5)).tolist()
+    _generate(engine, "store", other)  # reconnects on its own and stores
+    fresh = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    _generate(fresh, "hit", other)
+    assert fresh.stats().kvtier["hit_tokens"] == 224
+
+
+def test_required_tier_refuses_to_start_when_unreachable(tiny_model: Path) -> None:
+    cfg = _tier("redis://127.0.0.1:1/0", required=True)
+    with pytest.raises(RuntimeError, match=r"kvtier\.required is true but the KV store is unreachable"):
+        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=cfg)
+
+
+def test_wrong_password_and_tls_mismatch(tiny_model: Path, redis_with_password: Any) -> None:
+    good = redis_with_password.url
+    bad = good.replace("s3cret", "wrong")
+    with pytest.raises(RuntimeError, match=r"unreachable: redis PING failed \(redis://127"):
+        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(bad, required=True))
+    tls = good.replace("redis://", "rediss://")
+    with pytest.raises(RuntimeError, match="unreachable"):
+        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(tls, required=True))
+    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(good, required=True))
+    _generate(engine, "ok")
+    assert engine.stats().kvtier["blocks_stored"] == 8 and engine.stats().kvtier["errors"] == 0
+
+
+def test_values_above_the_size_limit_are_not_stored(tiny_model: Path, redis_server: Any) -> None:
+    cfg = _tier(redis_server.url)
+    cfg.store.max_value_bytes = 1000  # type: ignore[union-attr]
+    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=cfg)
+    _generate(engine, "big")
+    assert redis_server.client().keys("mvkv:*") == []
