@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.experts import ExpertsConfig
+from maverick_serve.config.kvtier import KVTierConfig
 
 
 class ModelSourceConfig(BaseModel):
@@ -123,6 +124,10 @@ class ClusterConfig(BaseModel):
     experts: ExpertsConfig = Field(
         default_factory=ExpertsConfig,
         description="Expert parallelism: local (EP=1) or disaggregated workers.",
+    )
+    kvtier: KVTierConfig = Field(
+        default_factory=KVTierConfig,
+        description="KV-cache tier: embedded memory store or Redis shared by replicas.",
     )
     router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP ingress limits and policy.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Replicas and resources.")

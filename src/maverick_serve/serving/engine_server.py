@@ -45,7 +45,7 @@ class EngineServer:
         logging.getLogger("maverick_serve").setLevel(cfg.observability.log_level)
         model_dir = Path(cfg.model.path)
         self.config = cfg
-        self.engine = NativeEngine.from_pretrained(model_dir, cfg.engine, cfg.experts)
+        self.engine = NativeEngine.from_pretrained(model_dir, cfg.engine, cfg.experts, cfg.kvtier)
         self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
         self.replica = _replica_name()
         on_stats = None

@@ -50,6 +50,13 @@ class EngineMetrics:
             "Tokens per routed expert over the load window.",
             tag_keys=(*keys, "layer", "expert"),
         )
+        self.kvtier = metrics.Gauge(
+            PREFIX + "kvtier",
+            "KV tier counters (totals) by `counter`: hit_tokens, "
+            "miss_tokens, bytes_in, bytes_out, load_seconds, store_seconds, blocks_stored, "
+            "dropped_stores, checksum_failures, errors.",
+            tag_keys=(*keys, "counter"),
+        )
         self.preemptions = metrics.Gauge(
             PREFIX + "preemptions", "Preemptions for lack of KV blocks (total).", tag_keys=keys
         )
@@ -67,6 +74,8 @@ class EngineMetrics:
         self.prefix_hits.set(stats.prefix_cache_hit_tokens, t)
         self.generated.set(stats.generated_tokens_total, t)
         self.preemptions.set(stats.preemptions_total, t)
+        for counter, value in stats.kvtier.items():
+            self.kvtier.set(value, {**t, "counter": counter})
         if stats.expert_imbalance is not None:
             self.expert_imbalance.set(stats.expert_imbalance, t)
         for layer, counts in stats.expert_tokens.items():
