@@ -253,3 +253,11 @@ def test_bad_requests_are_refused_before_compute(
 def test_token_outside_vocab_refused(tiny_model: Path) -> None:
     with pytest.raises(InvalidRequestError, match="token id 5000 is outside the vocabulary"):
         _engine(tiny_model).add_request(EngineRequest("x", [1, 2, 5000]))
+
+
+def test_blockwise_attention_generation_equals_dense(tiny_model: Path) -> None:
+    prompts = [_prompt(n, n) for n in (150, 400)]
+    dense = _engine(tiny_model)
+    blockwise = _engine(tiny_model, attention_key_block=48)
+    for i, p in enumerate(prompts):
+        assert _tokens(_drain_one(blockwise, f"b{i}", p)) == _tokens(_drain_one(dense, f"d{i}", p))

@@ -100,3 +100,17 @@ def test_multimodal_logits_match_transformers(
         text_only = hf_models["tiny"](input_ids=torch.tensor([ids])).logits[0]
     assert (logits - ref).abs().max().item() <= TOL
     assert (text_only - ref).abs().max().item() > 1e-2  # the image really changed the logits
+
+
+@pytest.mark.parametrize("key_block", [40, 128])
+def test_blockwise_global_attention_matches_transformers(
+    key_block: int, tiny_models: dict[str, Path], hf_models: dict[str, torch.nn.Module]
+) -> None:
+    """Long-prompt path: global layers attend over key blocks with an online softmax."""
+    cfg = EngineConfig(kv_cache_memory_gib=0.05, attention_key_block=key_block)
+    engine = NativeEngine.from_pretrained(tiny_models["tiny-qknorm"], cfg)
+    ids = _prompt(333, seed=9)
+    ours = engine.score(EngineRequest("r", ids))
+    with torch.no_grad():
+        ref = hf_models["tiny-qknorm"](input_ids=torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() <= TOL

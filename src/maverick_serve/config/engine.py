@@ -33,6 +33,12 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(
         None, gt=0, description="Longest prompt + output; None uses the model's max_position_embeddings."
     )
+    attention_key_block: int = Field(
+        16384,
+        gt=0,
+        description="Global-layer steps with more keys than this attend block-wise over blocks of "
+        "this many keys (bounded memory for very long prompts).",
+    )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prefixes.")
     max_logprobs: int = Field(20, ge=0, description="Most top logprobs a request may ask for.")
     max_images_per_request: int = Field(

@@ -90,7 +90,7 @@ class NativeEngine(Engine):
             blocks, config.block_size, t.attention_chunk_size, config.enable_prefix_caching
         )
         self.cache = PagedKVCache(t, blocks, config.block_size, torch_dtype(config.dtype), model.device)
-        self.runner = ModelRunner(model, self.cache, self.kv)
+        self.runner = ModelRunner(model, self.cache, self.kv, config.attention_key_block)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.kv_connector: KVTierConnector | None = None
         if kvtier is not None and kvtier.enabled:

@@ -7,13 +7,16 @@ import torch
 from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager
 from maverick_serve.engine.scheduler import ScheduledChunk
 from maverick_serve.engine.sequence import Sequence
-from maverick_serve.model.attention import CHUNKED_GROUP, ForwardBatch, GroupBatch, PagedKVCache
+from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, ForwardBatch, GroupBatch, PagedKVCache
 from maverick_serve.model.llama4 import Llama4Model
 
 
 class ModelRunner:
-    def __init__(self, model: Llama4Model, cache: PagedKVCache, kv: KVCacheManager) -> None:
+    def __init__(
+        self, model: Llama4Model, cache: PagedKVCache, kv: KVCacheManager, key_block: int = 16384
+    ) -> None:
         self.model = model
+        self.key_block = key_block
         self.cache = cache
         self.kv = kv
         self.device = model.device
@@ -54,7 +57,9 @@ class ModelRunner:
         logits_rows: list[int] = []
         images: list[tuple[torch.Tensor, torch.Tensor]] = []
         qmax = max(c.num_tokens for c in chunks)
-        per_group: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {g: [] for g in GROUPS}
+        per_group: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]] = {
+            g: [] for g in GROUPS
+        }
         row = 0
         for b, c in enumerate(chunks):
             seq = c.seq
@@ -72,29 +77,12 @@ class ModelRunner:
             for group in GROUPS:
                 table = seq.blocks.tables[group]
                 kstart = self.kv.chunk_start(c.start) if group == CHUNKED_GROUP else 0
-                keys = self._slots(table, kstart, c.end)
-                kpos = torch.arange(kstart, c.end)
-                mask = kpos[None, :] <= qpos[:, None]
-                if group == CHUNKED_GROUP:
-                    mask &= (kpos[None, :] // self.chunk_size) == (qpos[:, None] // self.chunk_size)
-                per_group[group].append((self._slots(table, c.start, c.end), keys, mask))
+                per_group[group].append(
+                    (self._slots(table, c.start, c.end), self._slots(table, kstart, c.end), qpos, kstart)
+                )
             row += c.num_tokens
 
-        groups = {}
-        for group, items in per_group.items():
-            kmax = max(k.numel() for _, k, _ in items)
-            gather = torch.zeros(len(items), kmax, dtype=torch.long)
-            mask = torch.zeros(len(items), 1, qmax, kmax, dtype=torch.bool)
-            mask[:, 0, :, 0] = True  # padded query rows attend one key instead of none (no NaN)
-            for b, (_, keys, m) in enumerate(items):
-                gather[b, : keys.numel()] = keys
-                mask[b, 0, : m.shape[0], :] = False
-                mask[b, 0, : m.shape[0], : m.shape[1]] = m
-            groups[group] = GroupBatch(
-                slot_mapping=torch.cat([s for s, _, _ in items]).to(self.device),
-                gather_index=gather.to(self.device),
-                mask=mask.to(self.device),
-            )
+        groups = {group: self._group_batch(group, items, qmax) for group, items in per_group.items()}
         batch = ForwardBatch(
             positions=torch.cat(positions).to(self.device),
             query_pad_index=torch.cat(pad_index).to(self.device),
@@ -104,6 +92,40 @@ class ModelRunner:
             logits_index=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return batch, torch.tensor(ids, dtype=torch.long, device=self.device), images
+
+    def _group_batch(
+        self, group: str, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], qmax: int
+    ) -> GroupBatch:
+        """Addressing of one layer group. Global groups with many keys skip the dense mask (its
+        Q × K booleans alone would be gigabytes at millions of keys) and attend block-wise."""
+        kmax = max(keys.numel() for _, keys, _, _ in items)
+        gather = torch.zeros(len(items), kmax, dtype=torch.long)
+        for b, (_, keys, _, _) in enumerate(items):
+            gather[b, : keys.numel()] = keys
+        slot_mapping = torch.cat([s for s, _, _, _ in items]).to(self.device)
+        if group == GLOBAL_GROUP and kmax > self.key_block:
+            qpos = torch.zeros(len(items), qmax, dtype=torch.long)
+            for b, (_, _, q, _) in enumerate(items):
+                qpos[b, : q.numel()] = q
+            lengths = torch.tensor([keys.numel() for _, keys, _, _ in items], dtype=torch.long)
+            return GroupBatch(
+                slot_mapping,
+                gather.to(self.device),
+                None,
+                qpos.to(self.device),
+                lengths.to(self.device),
+                self.key_block,
+            )
+        mask = torch.zeros(len(items), 1, qmax, kmax, dtype=torch.bool)
+        mask[:, 0, :, 0] = True  # padded query rows attend one key instead of none (no NaN)
+        for b, (_, keys, qpos_b, kstart) in enumerate(items):
+            kpos = torch.arange(kstart, kstart + keys.numel())
+            m = kpos[None, :] <= qpos_b[:, None]
+            if group == CHUNKED_GROUP:
+                m &= (kpos[None, :] // self.chunk_size) == (qpos_b[:, None] // self.chunk_size)
+            mask[b, 0, : m.shape[0], :] = False
+            mask[b, 0, : m.shape[0], : m.shape[1]] = m
+        return GroupBatch(slot_mapping, gather.to(self.device), mask.to(self.device))
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> torch.Tensor:

@@ -29,12 +29,18 @@ class GroupBatch:
 
     slot_mapping: [T] flat cache slot (block * block_size + offset) each new token's K/V goes to.
     gather_index: [B, K] flat cache slots of the keys each sequence attends to (padding: any slot).
-    mask: [B, 1, Q, K] boolean, True where query i of sequence b may attend key j.
+    mask: [B, 1, Q, K] boolean, True where query i of sequence b may attend key j; None for the
+        block-wise path of long global attention, which derives causality per key block from
+        query_positions [B, Q] (padding rows: 0) and key_lengths [B] (keys are positions 0..len-1).
+    key_block: keys per block of the block-wise path.
     """
 
     slot_mapping: torch.Tensor
     gather_index: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    query_positions: torch.Tensor | None = None
+    key_lengths: torch.Tensor | None = None
+    key_block: int = 16384
 
 
 @dataclass
@@ -119,15 +125,56 @@ class Attention(nn.Module):
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
         k_cache.index_copy_(0, group.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, group.slot_mapping, v.to(v_cache.dtype))
-        keys = k_cache[group.gather_index].to(q.dtype).transpose(1, 2)  # [B, kvh, K, d]
-        values = v_cache[group.gather_index].to(q.dtype).transpose(1, 2)
 
         b, qlen = batch.num_seqs, batch.max_query_len
         padded = q.new_zeros(b * qlen, self.num_heads, d)
         padded[batch.query_pad_index] = q
         queries = padded.view(b, qlen, self.num_heads, d).transpose(1, 2)  # [B, h, Q, d]
-        out = nn.functional.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=group.mask, scale=d**-0.5, enable_gqa=True
-        )
+        if group.mask is None:
+            out = blockwise_attention(queries, k_cache, v_cache, group, d**-0.5).to(q.dtype)
+        else:
+            keys = k_cache[group.gather_index].to(q.dtype).transpose(1, 2)  # [B, kvh, K, d]
+            values = v_cache[group.gather_index].to(q.dtype).transpose(1, 2)
+            out = nn.functional.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=group.mask, scale=d**-0.5, enable_gqa=True
+            )
         out = out.transpose(1, 2).reshape(b * qlen, self.num_heads * d)[batch.query_pad_index]
         return self.o_proj(out)
+
+
+def blockwise_attention(
+    queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: GroupBatch, scale: float
+) -> torch.Tensor:
+    """Causal attention over keys gathered one block at a time with an online softmax.
+
+    Memory is O(Q × key_block) per head instead of O(Q × K): a 10M-token prefix is read in blocks
+    and never materialised as one score matrix (the flash-attention recurrence, in fp32)."""
+    assert group.query_positions is not None and group.key_lengths is not None
+    b, h, qlen, d = queries.shape
+    kvh = k_cache.shape[1]
+    rep = h // kvh
+    q = queries.float()
+    qpos = group.query_positions[:, None, :, None]  # [B, 1, Q, 1]
+    klen = group.key_lengths[:, None, None, None]
+    out = torch.zeros(b, h, qlen, d, dtype=torch.float32, device=q.device)
+    row_max = torch.full((b, h, qlen, 1), float("-inf"), device=q.device)
+    row_sum = torch.zeros(b, h, qlen, 1, device=q.device)
+    total = group.gather_index.shape[1]
+    for start in range(0, total, group.key_block):
+        idx = group.gather_index[:, start : start + group.key_block]
+        keys = k_cache[idx].float().transpose(1, 2).repeat_interleave(rep, dim=1)  # [B, h, kb, d]
+        values = v_cache[idx].float().transpose(1, 2).repeat_interleave(rep, dim=1)
+        kpos = torch.arange(start, start + idx.shape[1], device=q.device)[None, None, None, :]
+        visible = (kpos <= qpos) & (kpos < klen)
+        scores = (q @ keys.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        probs = torch.exp(scores - safe_max)
+        correction = torch.exp(
+            torch.where(torch.isinf(row_max), torch.full_like(row_max, float("-inf")), row_max - safe_max)
+        )
+        row_sum = row_sum * correction + probs.sum(dim=-1, keepdim=True)
+        out = out * correction + probs @ values
+        row_max = new_max
+    return out / row_sum
