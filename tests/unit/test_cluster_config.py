@@ -105,3 +105,15 @@ def test_cluster_fit_is_checked_at_build() -> None:
 def test_ep_above_one_needs_disaggregated_mode() -> None:
     with pytest.raises(ValidationError, match=r"needs experts\.mode: disaggregated"):
         ClusterConfig.model_validate({"experts": {"ep_degree": 2}})
+
+
+def test_disaggregation_needs_a_shared_tier() -> None:
+    with pytest.raises(ValidationError, match="set kvtier.store.type: redis"):
+        ClusterConfig.model_validate({"disaggregation": {"enabled": True}})
+    cfg = ClusterConfig.model_validate(
+        {
+            "disaggregation": {"enabled": True},
+            "kvtier": {"store": {"type": "redis", "url": "redis://r:6379/0"}},
+        }
+    )
+    assert cfg.kvtier.block_size == 256

@@ -78,3 +78,21 @@ def test_keys_evicted_between_lookup_and_load_are_a_miss(tiny_model: Path) -> No
     assert _generate(b, "b", prompt) == cold
     stats = b.stats().kvtier
     assert stats["hit_tokens"] == 0 and stats["errors"] == 0 and stats["checksum_failures"] == 0
+
+
+def test_interrupted_long_prefill_resumes_from_the_last_stored_block(tiny_model: Path) -> None:
+    prompt = _prompt(1000, 7)
+    cfg = ENGINE.model_copy(update={"max_num_batched_tokens": 128})
+    uninterrupted = _generate(NativeEngine.from_pretrained(tiny_model, cfg, kvtier=TIER), "u", prompt)
+    dying = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=TIER)
+    dying.add_request(
+        EngineRequest("p", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    )
+    for _ in range(4):  # 4 × 128 = 512 prompt tokens, then the replica "dies"
+        dying.step()
+    assert dying.kv_connector is not None
+    dying.kv_connector.client.flush()
+    retry = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=TIER)
+    _share(dying, retry)
+    assert _generate(retry, "p", prompt) == uninterrupted
+    assert retry.stats().kvtier["hit_tokens"] == 512  # resumed at the last stored chunk boundary

@@ -81,6 +81,20 @@ class ResourcesConfig(BaseModel):
     )
 
 
+class DisaggregationConfig(BaseModel):
+    """Prefill/decode split: long prompts are prefilled on Prefill replicas, which store their KV in
+    the tier; the engine (decode) replica then loads it and generates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Add a Prefill deployment and route long prompts through it.")
+    threshold_tokens: int = Field(4096, ge=1, description="Prompts at least this long take the prefill path.")
+    prefill: ReplicaResources = Field(
+        default_factory=lambda: ReplicaResources(replicas=1, num_cpus=1.0),
+        description="Prefill replicas (compute-bound: give them the big GPUs).",
+    )
+
+
 class HttpConfig(BaseModel):
     """Where Serve's HTTP proxy listens and the Ray dashboard."""
 
@@ -129,6 +143,9 @@ class ClusterConfig(BaseModel):
         default_factory=KVTierConfig,
         description="KV-cache tier: embedded memory store or Redis shared by replicas.",
     )
+    disaggregation: DisaggregationConfig = Field(
+        default_factory=DisaggregationConfig, description="Prefill/decode disaggregation through the KV tier."
+    )
     router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP ingress limits and policy.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Replicas and resources.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP proxy and dashboard.")
@@ -150,6 +167,11 @@ class ClusterConfig(BaseModel):
             raise ValueError(
                 "experts.transport.compiled binds the expert workers to one engine; with "
                 f"resources.engine.replicas={self.resources.engine.replicas} use compiled: false"
+            )
+        if self.disaggregation.enabled and (not self.kvtier.enabled or self.kvtier.store.type != "redis"):
+            raise ValueError(
+                "disaggregation.enabled hands KV from prefill to decode replicas through a shared tier: "
+                "set kvtier.store.type: redis"
             )
         if self.router.max_images_per_request > self.engine.max_images_per_request:
             raise ValueError(

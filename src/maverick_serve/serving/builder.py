@@ -19,11 +19,12 @@ from maverick_serve.serving.router_server import RouterServer
 
 ROUTER_DEPLOYMENT = "Router"
 ENGINE_DEPLOYMENT = "LlamaEngine"
+PREFILL_DEPLOYMENT = "LlamaPrefill"
 
 
 def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
     """Serve options per deployment, from the config (exposed for tests and the Helm chart)."""
-    r, e = config.resources.router, config.resources.engine
+    r, e, p = config.resources.router, config.resources.engine, config.disaggregation.prefill
     logging_config = {
         "enable_access_log": config.observability.access_log,
         "log_level": config.observability.log_level,
@@ -44,16 +45,31 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "health_check_period_s": 5,
             "logging_config": logging_config,
         },
+        PREFILL_DEPLOYMENT: {
+            "name": PREFILL_DEPLOYMENT,
+            "num_replicas": p.replicas,
+            "max_ongoing_requests": p.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
+            "health_check_period_s": 5,
+            "logging_config": logging_config,
+        },
     }
 
 
 def required_resources(config: ClusterConfig) -> dict[str, float]:
     """Logical CPUs and GPUs the app needs once every replica and expert worker is placed."""
     r, e, x = config.resources.router, config.resources.engine, config.experts
+    p = config.disaggregation.prefill if config.disaggregation.enabled else None
     workers = x.ep_degree if x.mode == "disaggregated" else 0
     return {
-        "CPU": r.replicas * r.num_cpus + e.replicas * e.num_cpus + workers * x.worker_num_cpus,
-        "GPU": r.replicas * r.num_gpus + e.replicas * e.num_gpus + workers * x.worker_num_gpus,
+        "CPU": r.replicas * r.num_cpus
+        + e.replicas * e.num_cpus
+        + workers * x.worker_num_cpus
+        + (p.replicas * p.num_cpus if p else 0),
+        "GPU": r.replicas * r.num_gpus
+        + e.replicas * e.num_gpus
+        + workers * x.worker_num_gpus
+        + (p.replicas * p.num_gpus if p else 0),
     }
 
 
@@ -79,7 +95,10 @@ def build_app(config: ClusterConfig) -> Application:
     options = deployment_options(config)
     engine = serve.deployment(**options[ENGINE_DEPLOYMENT])(EngineServer)
     router = serve.deployment(**options[ROUTER_DEPLOYMENT])(serve.ingress()(RouterServer))
-    return router.bind(payload, engine.bind(payload))
+    prefill = None
+    if config.disaggregation.enabled:
+        prefill = serve.deployment(**options[PREFILL_DEPLOYMENT])(EngineServer).bind(payload)
+    return router.bind(payload, engine.bind(payload), prefill)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -20,6 +20,9 @@ class EngineClient(ABC):
     @abstractmethod
     async def info(self) -> dict[str, Any]: ...
 
+    @abstractmethod
+    async def prefill(self, item: dict[str, Any]) -> dict[str, Any]: ...
+
 
 class HandleEngineClient(EngineClient):
     def __init__(self, handle: Any) -> None:
@@ -37,6 +40,10 @@ class HandleEngineClient(EngineClient):
         result: dict[str, Any] = await self.handle.info.remote()
         return result
 
+    async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.handle.prefill.remote(item)
+        return result
+
 
 class LocalEngineClient(EngineClient):
     def __init__(self, server: EngineServer) -> None:
@@ -48,3 +55,6 @@ class LocalEngineClient(EngineClient):
 
     async def info(self) -> dict[str, Any]:
         return await self.server.info()
+
+    async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
+        return await self.server.prefill(item)

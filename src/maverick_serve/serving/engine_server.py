@@ -7,6 +7,7 @@ reports bad input as an error event so the router answers 4xx without a crashed 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -81,6 +82,22 @@ class EngineServer:
             yield error_event(400, str(exc), exc.field)
         except EngineDeadError as exc:
             yield error_event(503, f"engine replica {self.replica} is down: {exc}")
+
+    async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Prefill role: compute the prompt, store its KV in the tier, return once it is stored.
+        The one sampled token is dropped; the decode replica samples the first token itself."""
+        if self.engine.kv_connector is None:
+            return error_event(503, "prefill replica has no KV tier to hand the prompt over")
+        work = EngineWorkItem.model_validate(item)
+        work.sampling = work.sampling.model_copy(update={"max_tokens": 1, "stop": [], "logprobs": None})
+        work.request_id = f"{work.request_id}-prefill"
+        last: dict[str, Any] = {}
+        async for event in self.generate(work.model_dump()):
+            last = event
+        if "error" in last:
+            return last
+        await asyncio.to_thread(self.engine.kv_connector.client.flush)
+        return {"prompt_tokens": len(work.prompt_token_ids), "replica": self.replica}
 
     async def stats(self) -> dict[str, Any]:
         stats = await self.runner.stats()

@@ -44,11 +44,14 @@ class _Choice:
 
 
 class RouterServer:
-    def __init__(self, config: dict[str, Any], engine: Any) -> None:
+    def __init__(self, config: dict[str, Any], engine: Any, prefill: Any = None) -> None:
         self.config = ClusterConfig.model_validate(config)
         assert self.config.model.path is not None, "the builder resolves model.path"
         self.builder = RequestBuilder(Path(self.config.model.path), self.config)
         self.engine: EngineClient = engine if isinstance(engine, EngineClient) else HandleEngineClient(engine)
+        self.prefill: EngineClient | None = None
+        if prefill is not None:
+            self.prefill = prefill if isinstance(prefill, EngineClient) else HandleEngineClient(prefill)
         self.model_name = self.config.model.served_model_name
         self.created = int(time.time())
         # Serve's proxy already echoes x-request-id (and injects one when the client sent none).
@@ -149,6 +152,13 @@ class RouterServer:
             else:
                 prompt, images = self.builder.completion_prompt(req), []
             items = self._work_items(rid, prompt, images, sampling, req.n)
+            if self.prefill is not None and len(prompt) >= self.config.disaggregation.threshold_tokens:
+                handed = await asyncio.wait_for(
+                    self.prefill.prefill(items[0].model_dump()), self.config.router.request_timeout_s
+                )
+                if "error" in handed:
+                    err = handed["error"]
+                    raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
             streams = [self.engine.stream(item.model_dump()) for item in items]
             firsts = await asyncio.wait_for(
                 asyncio.gather(*(_first_event(s) for s in streams)), self.config.router.request_timeout_s
