@@ -108,7 +108,7 @@ def test_ep_above_one_needs_disaggregated_mode() -> None:
 
 
 def test_disaggregation_needs_a_shared_tier() -> None:
-    with pytest.raises(ValidationError, match="set kvtier.store.type: redis"):
+    with pytest.raises(ValidationError, match=r"set kvtier\.store\.type: redis"):
         ClusterConfig.model_validate({"disaggregation": {"enabled": True}})
     cfg = ClusterConfig.model_validate(
         {
