@@ -267,6 +267,14 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kvtier(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.kvtier_bench import run_bench
+
+    model = args.model or default_tiny_model()
+    print(run_bench(model, args.tier_block, args.ttft_tokens, args.long_tokens, args.blocks, args.budget))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_pretrained_dir(args.model) if args.model else preset(args.preset)
     print(json.dumps(spec.to_hf() if args.hf else spec.model_dump(mode="json"), indent=2))
@@ -411,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bx.add_argument("--logical-cpus", type=_positive, default=8, help="logical CPUs of the local Ray")
     bx.set_defaults(func=cmd_bench_experts)
+
+    bk = bench.add_parser(
+        "kvtier",
+        help="KV tier: store/load GB/s vs redis-benchmark, TTFT hit vs cold, bytes, long prefill and resume",
+    )
+    bk.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    bk.add_argument("--tier-block", type=_positive, default=256, help="tokens per tier block")
+    bk.add_argument("--ttft-tokens", type=_positive, default=16384)
+    bk.add_argument("--long-tokens", type=int, default=131072, help="long prefill demo (0 skips it)")
+    bk.add_argument("--blocks", type=_positive, default=2000, help="blocks for the throughput test")
+    bk.add_argument("--budget", type=_positive, default=2048, help="engine tokens per step")
+    bk.set_defaults(func=cmd_bench_kvtier)
 
     cfg = sub.add_parser("config", help="inspect model configs").add_subparsers(dest="config", required=True)
     show = cfg.add_parser("show", help="print a preset's or a checkpoint's model spec")

@@ -18,11 +18,15 @@ ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 PROMPT = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def _tier(url: str, **kw: Any) -> KVTierConfig:
+def _tier(url: str, client: str = "asyncio", **kw: Any) -> KVTierConfig:
     # Tier blocks of 32 tokens (two per 64-token attention chunk) so prompts of a few hundred
     # tokens store both layer groups: NoPE blocks everywhere, RoPE blocks of the final chunk.
     return KVTierConfig.model_validate(
-        {"store": {"type": "redis", "url": url, "socket_timeout_s": 1.0}, "block_size": 32, **kw}
+        {
+            "store": {"type": "redis", "url": url, "socket_timeout_s": 1.0, "client": client},
+            "block_size": 32,
+            **kw,
+        }
     )
 
 
@@ -49,15 +53,16 @@ def cold_tokens(tiny_model: Path) -> list[int]:
     return _generate(_plain(tiny_model), "cold")
 
 
+@pytest.mark.parametrize("client", ["asyncio", "threaded"])
 def test_replica_b_reuses_kv_written_by_replica_a(
-    tiny_model: Path, redis_server: Any, cold_tokens: list[int]
+    client: str, tiny_model: Path, redis_server: Any, cold_tokens: list[int]
 ) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, client))
     assert _generate(a, "a") == cold_tokens
     stored = a.stats().kvtier
     assert stored["blocks_stored"] == 7 + 1  # 7 NoPE blocks of [0, 224) + the RoPE block [192, 224)
     assert len(redis_server.client().keys("mvkv:*")) == 8
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, client))
     assert _generate(b, "b") == cold_tokens
     stats = b.stats()
     assert stats.kvtier["hit_tokens"] == 224 and stats.kvtier["miss_tokens"] == 250 - 224

@@ -25,6 +25,9 @@ class RedisStoreConfig(BaseModel):
     ttl_s: int | None = Field(
         24 * 3600, ge=1, description="Expiry of stored blocks (None: rely on eviction)."
     )
+    client: Literal["asyncio", "threaded"] = Field(
+        "asyncio", description="redis-py's asyncio client, or its blocking client on a thread pool."
+    )
     max_value_bytes: int = Field(
         256 * 1024 * 1024,
         gt=0,

@@ -35,7 +35,11 @@ def make_store(cfg: KVTierConfig) -> KVStore:
         from maverick_serve.kvtier.redis_store import RedisKVStore
 
         return RedisKVStore(
-            cfg.store.url, cfg.store.max_connections, cfg.store.socket_timeout_s, cfg.store.max_value_bytes
+            cfg.store.url,
+            cfg.store.max_connections,
+            cfg.store.socket_timeout_s,
+            cfg.store.max_value_bytes,
+            cfg.store.client,
         )
     return MemoryKVStore(cfg.store.capacity_bytes)
 

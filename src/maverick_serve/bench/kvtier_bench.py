@@ -1,0 +1,294 @@
+"""`maverick-serve bench kvtier`: the KV tier's figures in one run.
+
+1. Store/load GB/s of block-sized values through our path (encode + pipelined SET, pipelined
+   EXISTS + MGET + decode) beside `redis-benchmark`'s raw SET/GET for the same value size.
+2. TTFT of a long prompt cold vs a tier hit on another replica (two engines, one Redis).
+3. Bytes stored per prompt token, Llama 4-aware layout vs all layers.
+4. Time and peak RSS of a ≥128K-token prefill streamed to the tier, and the time lost when it is
+   killed half-way and resumed on a fresh engine; projected time and tier bytes for 1M and 10M
+   tokens on Scout and Maverick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from maverick_serve.config import preset
+from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.kvtier import KVTierConfig
+from maverick_serve.config.model import ModelSpec
+from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.types import EngineRequest, SamplingParams
+from maverick_serve.kvtier.codec import decode_block, encode_block
+from maverick_serve.kvtier.redis_store import RedisKVStore
+
+
+@contextmanager
+def local_redis() -> Iterator[tuple[str, int]]:
+    """A throwaway redis-server on a free loopback port (no persistence)."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (bash scripts/setup.sh installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="bench-redis-")
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def block_value_bytes(spec: ModelSpec, block_tokens: int, dtype_bytes: int = 4) -> int:
+    t = spec.text
+    return len(t.global_layers) * 2 * block_tokens * t.num_key_value_heads * t.head_dim * dtype_bytes
+
+
+def store_throughput(
+    url: str, spec: ModelSpec, block_tokens: int, blocks: int, batch: int = 16
+) -> tuple[float, float, int]:
+    """(store GB/s, load GB/s, value bytes) through encode + pipelined SET / EXISTS + MGET + decode."""
+    t = spec.text
+    shape = (len(t.global_layers), 2, block_tokens, t.num_key_value_heads, t.head_dim)
+    tensor = torch.randn(shape)
+    keys = [f"bench:{i}" for i in range(blocks)]
+
+    async def run() -> tuple[float, float, int]:
+        store = RedisKVStore(url)
+        value_len = len(encode_block(tensor, "global", 0, block_tokens))
+        start = time.perf_counter()
+        for i in range(0, blocks, batch):
+            items = [(k, encode_block(tensor, "global", 0, block_tokens)) for k in keys[i : i + batch]]
+            await store.put_many(items, None)
+        put_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, blocks, batch):
+            chunk = keys[i : i + batch]
+            await store.exists_many(chunk)
+            for v in await store.get_many(chunk):
+                assert v is not None
+                decode_block(v)
+        get_s = time.perf_counter() - start
+        await store.delete_many(keys)
+        await store.close()
+        total = value_len * blocks
+        return total / put_s / 1e9, total / get_s / 1e9, value_len
+
+    return asyncio.run(run())
+
+
+def redis_benchmark(
+    port: int, value_bytes: int, requests: int, pipeline: int = 16
+) -> tuple[float, float] | None:
+    """redis-benchmark's SET and GET GB/s for the same value size (None when it is not installed)."""
+    if shutil.which("redis-benchmark") is None:
+        return None
+    out = subprocess.run(
+        [
+            "redis-benchmark",
+            "-p",
+            str(port),
+            "-t",
+            "set,get",
+            "-d",
+            str(value_bytes),
+            "-n",
+            str(requests),
+            "-P",
+            str(pipeline),
+            "-c",
+            "1",
+            "-q",
+            "--csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    rates = {}
+    for line in out.splitlines():
+        m = re.match(r'"(SET|GET)","([0-9.]+)"', line)
+        if m:
+            rates[m.group(1)] = float(m.group(2)) * value_bytes / 1e9
+    return (rates.get("SET", float("nan")), rates.get("GET", float("nan"))) if rates else None
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 1900) for _ in range(n)]
+
+
+def ttft(engine: NativeEngine, prompt: list[int], rid: str) -> float:
+    engine.add_request(EngineRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=1)))
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    elapsed = time.perf_counter() - start
+    if engine.kv_connector is not None:
+        engine.kv_connector.client.flush(timeout_s=600)
+    return elapsed
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def projection(name: str, tokens: int, gpus: int, tflops_per_gpu: float, mfu: float) -> str:
+    """Prefill time and Llama 4-aware tier bytes for a real preset (bf16), from FLOP counts."""
+    spec = preset(name)
+    t = spec.text
+    kv_layer_token = 2 * t.num_key_value_heads * t.head_dim * 2  # bf16
+    tier = (
+        len(t.global_layers) * tokens * kv_layer_token
+        + len(t.chunked_layers) * t.attention_chunk_size * kv_layer_token
+    )
+    all_layers = t.num_hidden_layers * tokens * kv_layer_token
+    active = 17.2e9
+    linear = 2 * active * tokens
+    d = t.num_attention_heads * t.head_dim
+    global_attn = len(t.global_layers) * 2 * 2 * d * tokens * tokens / 2
+    chunked_attn = len(t.chunked_layers) * 2 * 2 * d * tokens * t.attention_chunk_size / 2
+    seconds = (linear + global_attn + chunked_attn) / (gpus * tflops_per_gpu * 1e12 * mfu)
+    return (
+        f"{name:<9} {tokens:>10,} tokens: prefill ≈ {seconds / 60:,.1f} min on {gpus}×{tflops_per_gpu:g} "
+        f"TFLOP/s at {mfu:.0%} MFU; tier {tier / 1e9:,.1f} GB (all layers {all_layers / 1e9:,.1f} GB)"
+    )
+
+
+def run_bench(
+    model_dir: Path, tier_block: int, ttft_tokens: int, long_tokens: int, blocks: int, budget: int
+) -> str:
+    spec = ModelSpec.from_pretrained_dir(model_dir)
+    lines: list[str] = []
+    with local_redis() as (url, port):
+        put_gbs, get_gbs, value_len = store_throughput(url, spec, tier_block, blocks)
+        raw = redis_benchmark(port, value_len, blocks)
+        lines.append(
+            f"(1) block values of {value_len:,} B ({tier_block} tokens × {len(spec.text.global_layers)} "
+            f"global layers), {blocks} blocks, pipelines of 16:"
+        )
+        if raw:
+            lines.append(
+                f"    store {put_gbs:.2f} GB/s vs redis-benchmark SET {raw[0]:.2f} GB/s → "
+                f"{put_gbs / raw[0]:.2f}× (target ≥ 0.8×)"
+            )
+            lines.append(
+                f"    load  {get_gbs:.2f} GB/s vs redis-benchmark GET {raw[1]:.2f} GB/s → "
+                f"{get_gbs / raw[1]:.2f}× (target ≥ 0.8×)"
+            )
+        else:
+            lines.append(
+                f"    store {put_gbs:.2f} GB/s, load {get_gbs:.2f} GB/s (redis-benchmark not installed)"
+            )
+
+        tier = KVTierConfig.model_validate({"store": {"type": "redis", "url": url}, "block_size": tier_block})
+        cfg = EngineConfig(
+            kv_cache_memory_gib=max(0.25, (ttft_tokens + long_tokens) * 4e-6),
+            max_num_batched_tokens=budget,
+            enable_prefix_caching=False,
+        )
+        prompt = _prompt(ttft_tokens, 1)
+        writer = NativeEngine.from_pretrained(model_dir, cfg, kvtier=tier)
+        cold = ttft(writer, prompt, "cold")
+        reader = NativeEngine.from_pretrained(model_dir, cfg, kvtier=tier)
+        warm = ttft(reader, prompt, "warm")
+        lines.append(
+            f"(2) TTFT of a {ttft_tokens:,}-token prompt: cold {cold * 1000:,.0f} ms, tier hit on another "
+            f"replica {warm * 1000:,.0f} ms → {warm / cold:.3f}× (target ≤ 0.15×)"
+        )
+        stored = writer.stats().kvtier["bytes_out"]
+        t = spec.text
+        all_layers = (
+            ttft_tokens
+            // tier_block
+            * tier_block
+            * t.num_hidden_layers
+            * 2
+            * t.num_key_value_heads
+            * t.head_dim
+            * 4
+        )
+        lines.append(
+            f"(3) bytes stored per token: Llama 4-aware {stored / ttft_tokens:,.0f} B vs all layers "
+            f"{all_layers / ttft_tokens:,.0f} B → {stored / all_layers:.3f}× (target ≤ 0.3×)"
+        )
+        del writer, reader
+
+        if long_tokens:
+            long_cfg = cfg.model_copy(update={"max_model_len": long_tokens + 16})
+            prompt = _prompt(long_tokens, 2)
+            rss0 = peak_rss_mib()
+            full_engine = NativeEngine.from_pretrained(model_dir, long_cfg, kvtier=tier)
+            full = ttft(full_engine, prompt, "long")
+            rss = peak_rss_mib()
+            del full_engine
+            lines.append(
+                f"(4) {long_tokens:,}-token prefill streamed to the tier: {full:,.1f} s "
+                f"({long_tokens / full:,.0f} tok/s), peak RSS {rss:,.0f} MiB (was {rss0:,.0f} before)"
+            )
+            # Killed half-way: a fresh tier namespace so nothing from the full run is reused.
+            half_tier = tier.model_copy(update={"key_prefix": f"half{os.getpid()}"})
+            dying = NativeEngine.from_pretrained(model_dir, long_cfg, kvtier=half_tier)
+            dying.add_request(EngineRequest("h", prompt, SamplingParams(temperature=0, max_tokens=1)))
+            start = time.perf_counter()
+            seq = dying.seqs["h"]
+            while seq.num_computed < long_tokens // 2:
+                dying.step()
+            assert dying.kv_connector is not None
+            dying.kv_connector.client.flush(timeout_s=600)
+            first_half = time.perf_counter() - start
+            done = seq.num_computed
+            del dying, seq
+            resumed_engine = NativeEngine.from_pretrained(model_dir, long_cfg, kvtier=half_tier)
+            resumed = ttft(resumed_engine, prompt, "h2")
+            hit = resumed_engine.stats().kvtier["hit_tokens"]
+            lost = first_half + resumed - full
+            lines.append(
+                f"    killed after {done:,} tokens ({first_half:,.1f} s), resumed from {int(hit):,} stored "
+                f"tokens in {resumed:,.1f} s: {lost:,.1f} s lost vs uninterrupted"
+            )
+    lines.append("projections (bf16 KV, Llama 4-aware tier; FLOPs from 17.2B active params + attention):")
+    for name in ("scout", "maverick"):
+        for tokens in (1_048_576, 10_485_760):
+            if tokens <= preset(name).text.max_position_embeddings:
+                lines.append("    " + projection(name, tokens, 8, 989, 0.4))
+    return "\n".join(lines)
