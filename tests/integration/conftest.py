@@ -27,6 +27,14 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def socket_path(self) -> Path:
+        return self.workdir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
@@ -47,6 +55,7 @@ class RedisServer:
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
+        cmd += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         if self.maxmemory:
             cmd += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

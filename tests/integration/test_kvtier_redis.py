@@ -155,3 +155,11 @@ def test_values_above_the_size_limit_are_not_stored(tiny_model: Path, redis_serv
     engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=cfg)
     _generate(engine, "big")
     assert redis_server.client().keys("mvkv:*") == []
+
+
+def test_unix_socket_url(tiny_model: Path, redis_server: Any, cold_tokens: list[int]) -> None:
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.unix_url, required=True))
+    assert _generate(a, "a") == cold_tokens
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.unix_url))
+    assert _generate(b, "b") == cold_tokens
+    assert b.stats().kvtier["hit_tokens"] == 224

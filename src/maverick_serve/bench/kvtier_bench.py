@@ -254,7 +254,20 @@ def run_bench(
         del writer, reader
 
         if long_tokens:
-            long_cfg = cfg.model_copy(update={"max_model_len": long_tokens + 16})
+            # One sequence at a time: the KV budget goes to the NoPE layers' whole-prefix blocks.
+            kv_gib = (
+                long_tokens
+                * len(spec.text.global_layers)
+                * 2
+                * spec.text.num_key_value_heads
+                * spec.text.head_dim
+                * 4
+                / 1024**3
+                + 0.5
+            )
+            long_cfg = cfg.model_copy(
+                update={"max_model_len": long_tokens + 16, "max_num_seqs": 2, "kv_cache_memory_gib": kv_gib}
+            )
             prompt = _prompt(long_tokens, 2)
             rss0 = peak_rss_mib()
             full_engine = NativeEngine.from_pretrained(model_dir, long_cfg, kvtier=tier)
