@@ -85,3 +85,23 @@ def _generate_one(engine: NativeEngine, req: EngineRequest) -> list[int]:
             if o.request_id == req.request_id:
                 tokens.extend(o.new_token_ids)
     return tokens
+
+
+def test_cuda_kvtier_hit_and_blockwise_attention(tiny_model: Path) -> None:
+    from maverick_serve.config.kvtier import KVTierConfig
+
+    cfg = EngineConfig(
+        device="cuda", kv_cache_memory_gib=0.25, max_num_batched_tokens=96, attention_key_block=64
+    )
+    tier = KVTierConfig(block_size=32)
+    prompts = [_prompt(300, 4)]
+    dense = _generate(_engine(tiny_model, "cuda"), prompts, 8)
+    a = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=tier)
+    assert _generate(a, prompts, 8) == dense  # block-wise global attention on the GPU
+    assert a.kv_connector is not None
+    a.kv_connector.client.flush()
+    b = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=tier)
+    assert b.kv_connector is not None
+    b.kv_connector.client.store = a.kv_connector.client.store
+    assert _generate(b, prompts, 8) == dense
+    assert b.stats().kvtier["hit_tokens"] == 288

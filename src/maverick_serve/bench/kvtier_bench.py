@@ -17,7 +17,6 @@ import random
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,48 +33,20 @@ from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.kvtier.codec import decode_block, encode_block
+from maverick_serve.kvtier.redis_process import RedisProcess
 from maverick_serve.kvtier.redis_store import RedisKVStore
 
 
 @contextmanager
 def local_redis() -> Iterator[tuple[str, int]]:
     """A throwaway redis-server on a free loopback port (no persistence)."""
-    if shutil.which("redis-server") is None:
-        raise RuntimeError("redis-server is not installed (bash scripts/setup.sh installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="bench-redis-")
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = RedisProcess(Path(tempfile.mkdtemp(prefix="bench-redis-")))
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0", port
+        yield server.url, server.port
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 def block_value_bytes(spec: ModelSpec, block_tokens: int, dtype_bytes: int = 4) -> int:

@@ -103,7 +103,24 @@ class RayActorTransport(ExpertTransport):
             return out
         ids = expert_ids.cpu().numpy()
         x = tokens.detach().float().cpu().numpy()
-        dest = route_rows(self.placement, layer, ids)
+        rows_of, results = self._exchange(layer, x, ids, route_rows(self.placement, layer, ids))
+        with warnings.catch_warnings():  # results are read-only zero-copy views; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            for rows, result in zip(rows_of, results, strict=True):
+                if result is not None:
+                    out[torch.from_numpy(rows).to(out.device)] = torch.from_numpy(result).to(
+                        out.device, out.dtype
+                    )
+        self.stats.calls += sum(r is not None for r in results)
+        self.stats.tokens += len(ids)
+        self.stats.bytes_moved += 2 * x.nbytes  # hidden states out and back
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def _exchange(
+        self, layer: int, x: np.ndarray, ids: np.ndarray, dest: np.ndarray
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Send each worker its rows; return (rows per call, result per call)."""
         calls: list[tuple[int, np.ndarray, Any]] = []
         for w in np.unique(dest).tolist():
             rows = np.nonzero(dest == w)[0]
@@ -113,17 +130,7 @@ class RayActorTransport(ExpertTransport):
         except self._actor_error as exc:
             dead = self._find_dead([w for w, _, _ in calls])
             raise ExpertWorkerDied(dead, exc) from exc
-        with warnings.catch_warnings():  # results are read-only zero-copy views; we only read them
-            warnings.simplefilter("ignore", UserWarning)
-            for (_, rows, _), result in zip(calls, results, strict=True):
-                out[torch.from_numpy(rows).to(out.device)] = torch.from_numpy(result).to(
-                    out.device, out.dtype
-                )
-        self.stats.calls += len(calls)
-        self.stats.tokens += len(ids)
-        self.stats.bytes_moved += 2 * x.nbytes  # hidden states out and back
-        self.stats.seconds += time.perf_counter() - start
-        return out
+        return [rows for _, rows, _ in calls], results
 
     def _find_dead(self, candidates: list[int]) -> int:
         for w in candidates:
@@ -172,14 +179,9 @@ class RayCompiledTransport(RayActorTransport):
                 self._graph.teardown()
             self._graph = None
 
-    def run_layer(self, layer: int, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        out = torch.empty_like(tokens)
-        if tokens.shape[0] == 0:
-            return out
-        ids = expert_ids.cpu().numpy()
-        x = tokens.detach().float().cpu().numpy()
-        dest = route_rows(self.placement, layer, ids)
+    def _exchange(
+        self, layer: int, x: np.ndarray, ids: np.ndarray, dest: np.ndarray
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         payloads: list[tuple[int, np.ndarray, np.ndarray] | None] = []
         rows_of: list[np.ndarray] = []
         for w in self.live:
@@ -187,20 +189,9 @@ class RayCompiledTransport(RayActorTransport):
             rows_of.append(rows)
             payloads.append((layer, x[rows], ids[rows]) if len(rows) else None)
         try:
-            results = self._get(self._compiled().execute(*payloads))
+            results: list[np.ndarray | None] = self._get(self._compiled().execute(*payloads))
         except self._channel_error as exc:
             self.close()
             dead = self._find_dead(list(self.live))
             raise ExpertWorkerDied(dead, exc) from exc
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            for rows, result in zip(rows_of, results, strict=True):
-                if result is not None:
-                    out[torch.from_numpy(rows).to(out.device)] = torch.from_numpy(result).to(
-                        out.device, out.dtype
-                    )
-        self.stats.calls += sum(p is not None for p in payloads)
-        self.stats.tokens += len(ids)
-        self.stats.bytes_moved += 2 * x.nbytes
-        self.stats.seconds += time.perf_counter() - start
-        return out
+        return rows_of, results
