@@ -163,3 +163,29 @@ def test_unix_socket_url(tiny_model: Path, redis_server: Any, cold_tokens: list[
     b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.unix_url))
     assert _generate(b, "b") == cold_tokens
     assert b.stats().kvtier["hit_tokens"] == 224
+
+
+def test_allkeys_lru_evictions_are_misses(tiny_model: Path, tmp_path: Path, cold_tokens: list[int]) -> None:
+    import redis
+
+    from maverick_serve.kvtier.redis_process import RedisProcess
+
+    server = RedisProcess(tmp_path, maxmemory="3mb")  # holds a few of the ~130 KB blocks of each prompt
+    server.start()
+    try:
+        writer = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(server.url))
+        _generate(writer, "first", PROMPT)  # stored first, so least recently used below
+        for seed in range(12):  # far more than fits: Redis evicts least-recently-used blocks
+            _generate(
+                writer,
+                f"w{seed}",
+                torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(100 + seed)).tolist(),
+            )
+        assert writer.stats().kvtier["errors"] == 0
+        assert int(redis.Redis(port=server.port).info("stats")["evicted_keys"]) > 0
+        reader = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(server.url))
+        assert _generate(reader, "r", PROMPT) == cold_tokens
+        stats = reader.stats().kvtier
+        assert stats["hit_tokens"] < 224 and stats["errors"] == 0  # evicted blocks are misses, not errors
+    finally:
+        server.stop()
