@@ -1,6 +1,6 @@
 """The engine seam: what the serving layer may call on any engine backend.
 
-Contract (native and vLLM backends alike):
+Contract (every backend):
 - `add_request` validates and enqueues; it raises `InvalidRequestError` (naming the field and
   the limit) before any compute for bad input, and never leaves a half-added request behind.
 - `step` runs one scheduling + forward iteration and returns the deltas it produced. It is

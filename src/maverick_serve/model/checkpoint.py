@@ -77,7 +77,7 @@ def read_state_dict(model_dir: Path, spec: ModelSpec, dtype: torch.dtype) -> dic
         ):
             raise CheckpointError(
                 f"tensor {raw_name} is FP8-quantised; the native engine loads bf16/fp32 weights "
-                "(serve FP8 checkpoints with the vllm backend)"
+                "(FP8 weights are not supported yet: convert the checkpoint to bf16)"
             )
         m = _SPLIT_EXPERT.match(name)
         if m:
