@@ -6,7 +6,6 @@ The same all-to-all code runs on CPU with gloo in tests/integration/test_expert_
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from maverick_serve.config import EngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
+from maverick_serve.net import free_port
 
 pytestmark = pytest.mark.gpu
 EP = 2
@@ -25,9 +25,7 @@ EP = 2
 def test_nccl_expert_parallel_matches_local(tiny_model: Path) -> None:
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = EngineConfig(device="cuda", kv_cache_memory_gib=0.2)
     experts = ExpertsConfig(
         mode="disaggregated",

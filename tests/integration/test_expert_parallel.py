@@ -15,6 +15,7 @@ from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.experts.placement import PlacementError
+from maverick_serve.net import free_port
 
 ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 
@@ -179,11 +180,8 @@ def test_compiled_graph_transport_same_tokens_and_failover(
 
 def test_collective_transport_all_to_all_over_gloo(tiny_model: Path, reference: dict[str, list[int]]) -> None:
     """The NCCL dispatch/combine code path, run on CPU with the gloo backend (tests/gpu runs NCCL)."""
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = _experts(2, transport={"type": "nccl", "backend": "gloo", "master_port": port, "timeout_s": 60})
     engine = NativeEngine.from_pretrained(tiny_model, ENGINE, cfg)
     tier = engine.expert_tier

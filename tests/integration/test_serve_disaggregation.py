@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,8 @@ from maverick_serve.config import EngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
+from maverick_serve.net import free_port
 from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT, build_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_long_prompts_take_the_prefill_path_with_identical_tokens(
@@ -41,7 +35,7 @@ def test_long_prompts_take_the_prefill_path_with_identical_tokens(
         expected[name] = text
 
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     try:
         cfg = ClusterConfig.model_validate(
             {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,19 +16,14 @@ from maverick_serve.config import EngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
+from maverick_serve.net import free_port
 from maverick_serve.serving.builder import build_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model: Path) -> Iterator[tuple[str, str]]:
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     prefix = f"serve-experts-{uuid.uuid4().hex[:6]}"
     cfg = ClusterConfig.model_validate(
         {

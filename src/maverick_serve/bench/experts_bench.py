@@ -20,6 +20,7 @@ from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.model.moe import MoEFeedForward
+from maverick_serve.net import free_port
 
 
 @dataclass
@@ -42,12 +43,7 @@ def _transport(name: str) -> dict[str, Any]:
     if name == "compiled":
         return {"type": "ray", "compiled": True}
     if name == "gloo":
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return {"type": "nccl", "backend": "gloo", "master_port": port}
+        return {"type": "nccl", "backend": "gloo", "master_port": free_port()}
     raise ValueError(f"--transports: unknown transport {name!r}; choose from {sorted(TRANSPORT_LABELS)}")
 
 
