@@ -282,7 +282,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_plan(args: argparse.Namespace) -> int:
-    from maverick_serve.experts.placement import dense_bytes, plan_worker_bytes
+    from maverick_serve.experts.placement import dense_bytes, experts_per_worker, plan_worker_bytes
 
     spec = preset(args.preset)
     gib = 1024**3
@@ -302,7 +302,7 @@ def cmd_config_plan(args: argparse.Namespace) -> int:
     )
     budget = args.gpu_memory_gib - args.reserve_gib
     for ep in args.ep:
-        per = -(-(t.num_local_experts + args.redundant) // ep)
+        per = experts_per_worker(spec, ep, args.redundant)
         bf16 = plan_worker_bytes(spec, ep, "bfloat16", args.redundant) / gib
         fp8 = plan_worker_bytes(spec, ep, "fp8", args.redundant) / gib
         print(

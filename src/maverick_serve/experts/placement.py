@@ -126,14 +126,20 @@ class ExpertPlacement:
         return self.with_replicas(new)
 
 
+def experts_per_worker(spec: ModelSpec, ep_degree: int, redundant_per_layer: int = 0) -> int:
+    """Experts per layer on the busiest worker (contiguous layout + redundant copies)."""
+    if ep_degree > spec.text.num_local_experts:
+        raise PlacementError(
+            f"ep={ep_degree} exceeds the {spec.text.num_local_experts} routed experts per layer"
+        )
+    return -(-(spec.text.num_local_experts + redundant_per_layer) // ep_degree)
+
+
 def plan_worker_bytes(spec: ModelSpec, ep_degree: int, dtype: str, redundant_per_layer: int = 0) -> int:
     """Routed-expert weight bytes of the busiest worker (contiguous layout + redundant copies)."""
     t = spec.text
-    if ep_degree > t.num_local_experts:
-        raise PlacementError(f"ep={ep_degree} exceeds the {t.num_local_experts} routed experts per layer")
     per_expert = 3 * t.hidden_size * t.intermediate_size * BYTES_PER_PARAM[dtype]
-    experts_per_worker = -(-(t.num_local_experts + redundant_per_layer) // ep_degree)
-    return per_expert * experts_per_worker * len(t.moe_layers)
+    return per_expert * experts_per_worker(spec, ep_degree, redundant_per_layer) * len(t.moe_layers)
 
 
 def dense_bytes(spec: ModelSpec, dtype: str) -> int:

@@ -64,11 +64,6 @@ class ExpertTier:
 
         self.spec = spec
         self.cfg = cfg
-        if cfg.ep_degree > spec.text.num_local_experts:
-            raise PlacementError(
-                f"experts.ep_degree={cfg.ep_degree} exceeds the "
-                f"{spec.text.num_local_experts} routed experts per layer"
-            )
         entries = [(p.layer, p.expert, p.workers) for p in cfg.placement]
         self.placement = ExpertPlacement.from_explicit(spec, cfg.ep_degree, entries)
         self.group = self._placement_group(ray)
