@@ -16,6 +16,8 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import torch
+
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP
 
 GROUPS = (CHUNKED_GROUP, GLOBAL_GROUP)
@@ -42,6 +44,16 @@ def chain_block_hashes(
                 h.update(key.encode())
         hashes.append(h.digest())
     return hashes
+
+
+def flat_slots(table: list[int | None], block_size: int, start: int, end: int) -> torch.Tensor:
+    """Flat cache slots (block * block_size + offset) of positions [start, end) through a block table."""
+    first, last = start // block_size, (end + block_size - 1) // block_size
+    blocks = table[first:last]
+    assert all(b is not None for b in blocks), "positions outside the held blocks"
+    base = torch.tensor(blocks, dtype=torch.long) * block_size
+    slots = (base[:, None] + torch.arange(block_size)).flatten()
+    return slots[start - first * block_size : end - first * block_size]
 
 
 class BlockPool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager
+from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager, flat_slots
 from maverick_serve.engine.scheduler import ScheduledChunk
 from maverick_serve.engine.sequence import Sequence
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, ForwardBatch, GroupBatch, PagedKVCache
@@ -22,16 +22,6 @@ class ModelRunner:
         self.device = model.device
         self.block_size = kv.block_size
         self.chunk_size = kv.chunk_size
-
-    def _slots(self, table: list[int | None], start: int, end: int) -> torch.Tensor:
-        """Flat cache slots of positions [start, end) through a block table."""
-        bs = self.block_size
-        first, last = start // bs, (end + bs - 1) // bs
-        blocks = table[first:last]
-        assert all(b is not None for b in blocks), "positions outside the held blocks"
-        base = torch.tensor(blocks, dtype=torch.long) * bs
-        slots = (base[:, None] + torch.arange(bs)).flatten()
-        return slots[start - first * bs : end - first * bs]
 
     def _image_rows(self, chunk: ScheduledChunk, row_offset: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         seq = chunk.seq
@@ -77,9 +67,9 @@ class ModelRunner:
             for group in GROUPS:
                 table = seq.blocks.tables[group]
                 kstart = self.kv.chunk_start(c.start) if group == CHUNKED_GROUP else 0
-                per_group[group].append(
-                    (self._slots(table, c.start, c.end), self._slots(table, kstart, c.end), qpos, kstart)
-                )
+                keys = flat_slots(table, self.block_size, kstart, c.end)
+                # The new tokens' slots are the tail of the keys' slots (kstart <= c.start).
+                per_group[group].append((keys[c.start - kstart :], keys, qpos, kstart))
             row += c.num_tokens
 
         groups = {group: self._group_batch(group, items, qmax) for group, items in per_group.items()}

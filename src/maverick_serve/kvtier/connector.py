@@ -19,7 +19,7 @@ import torch
 
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.model import ModelSpec
-from maverick_serve.engine.kv_cache import KVCacheManager, chain_block_hashes
+from maverick_serve.engine.kv_cache import KVCacheManager, chain_block_hashes, flat_slots
 from maverick_serve.engine.sequence import Sequence
 from maverick_serve.kvtier.client import KVTierClient
 from maverick_serve.kvtier.codec import CorruptBlockError, decode_block, encode_block
@@ -182,13 +182,11 @@ class KVTierConnector:
         return True
 
     def _slots(self, seq: Sequence, group: str, index: int) -> torch.Tensor:
-        bs = self.kv.block_size
         start = index * self.block_size
         table = seq.blocks.tables[group]
-        ids = table[start // bs : (start + self.block_size) // bs]
-        assert all(b is not None for b in ids), "tier block outside the held blocks"
-        base = torch.tensor(ids, dtype=torch.long) * bs
-        return (base[:, None] + torch.arange(bs)).flatten().to(self.cache.k[0].device)
+        return flat_slots(table, self.kv.block_size, start, start + self.block_size).to(
+            self.cache.k[0].device
+        )
 
     # ---- storing ---------------------------------------------------------------------------
     def _gather(self, seq: Sequence, group: str, index: int) -> torch.Tensor:
