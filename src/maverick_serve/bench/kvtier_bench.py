@@ -49,11 +49,6 @@ def local_redis() -> Iterator[tuple[str, int]]:
         shutil.rmtree(server.workdir, ignore_errors=True)
 
 
-def block_value_bytes(spec: ModelSpec, block_tokens: int, dtype_bytes: int = 4) -> int:
-    t = spec.text
-    return len(t.global_layers) * 2 * block_tokens * t.num_key_value_heads * t.head_dim * dtype_bytes
-
-
 def store_throughput(
     url: str, spec: ModelSpec, block_tokens: int, blocks: int, batch: int = 16
 ) -> tuple[float, float, int]:

@@ -186,9 +186,6 @@ class TextSpec(BaseModel):
     def global_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_hidden_layers) if not self.uses_rope(i))
 
-    def kv_bytes_per_token_per_layer(self, bytes_per_element: int) -> int:
-        return 2 * self.num_key_value_heads * self.head_dim * bytes_per_element
-
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> TextSpec:
         cfg = dict(cfg)

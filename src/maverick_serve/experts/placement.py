@@ -98,9 +98,6 @@ class ExpertPlacement:
             layer: [e for e, ws in enumerate(row) if worker in ws] for layer, row in self.replicas.items()
         }
 
-    def slots_used(self, worker: int) -> int:
-        return sum(len(v) for v in self.assignments(worker).values())
-
     def without_worker(self, dead: int, loads: dict[int, list[float]] | None = None) -> ExpertPlacement:
         """Move a dead worker's experts to the least-loaded survivors (by expert load when known)."""
         alive = [w for w in range(self.num_workers) if w != dead]

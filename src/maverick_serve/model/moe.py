@@ -98,11 +98,9 @@ class MoEFeedForward(nn.Module):
             spec.num_local_experts, spec.hidden_size, spec.intermediate_size
         )
         self.top_k = spec.num_experts_per_tok
-        self.last_expert_ids: torch.Tensor | None = None  # read by load statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, expert_ids = self.router(x)
-        self.last_expert_ids = expert_ids
         routed_in = x.repeat_interleave(self.top_k, dim=0) * scores.reshape(-1, 1)
         routed_out = self.experts.run_experts(routed_in, expert_ids.reshape(-1))
         out = self.shared_expert(x)
