@@ -16,13 +16,13 @@ class RedisServer(RedisProcess):
     def client(self) -> Any:
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        return redis.Redis.from_url(self.url)
 
 
-def _server(tmp_path: Path, password: str | None = None) -> Iterator[RedisServer]:
+def _server(tmp_path: Path, password: str | None = None, tls: bool = False) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (bash scripts/setup.sh installs it)")
-    server = RedisServer(tmp_path, password=password)
+    server = RedisServer(tmp_path, password=password, tls=tls)
     server.start()
     yield server
     server.stop()
@@ -36,3 +36,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
     yield from _server(tmp_path, password="s3cret")
+
+
+@pytest.fixture
+def redis_with_tls(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from _server(tmp_path, password="s3cret", tls=True)

@@ -18,12 +18,12 @@ ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 PROMPT = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def _tier(url: str, client: str = "asyncio", **kw: Any) -> KVTierConfig:
+def _tier(url: str, **kw: Any) -> KVTierConfig:
     # Tier blocks of 32 tokens (two per 64-token attention chunk) so prompts of a few hundred
     # tokens store both layer groups: NoPE blocks everywhere, RoPE blocks of the final chunk.
     return KVTierConfig.model_validate(
         {
-            "store": {"type": "redis", "url": url, "socket_timeout_s": 1.0, "client": client},
+            "store": {"type": "redis", "url": url, "socket_timeout_s": 1.0},
             "block_size": 32,
             **kw,
         }
@@ -53,16 +53,15 @@ def cold_tokens(tiny_model: Path) -> list[int]:
     return _generate(_plain(tiny_model), "cold")
 
 
-@pytest.mark.parametrize("client", ["asyncio", "threaded"])
 def test_replica_b_reuses_kv_written_by_replica_a(
-    client: str, tiny_model: Path, redis_server: Any, cold_tokens: list[int]
+    tiny_model: Path, redis_server: Any, cold_tokens: list[int]
 ) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, client))
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     assert _generate(a, "a") == cold_tokens
     stored = a.stats().kvtier
     assert stored["blocks_stored"] == 7 + 1  # 7 NoPE blocks of [0, 224) + the RoPE block [192, 224)
     assert len(redis_server.client().keys("mvkv:*")) == 8
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, client))
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     assert _generate(b, "b") == cold_tokens
     stats = b.stats()
     assert stats.kvtier["hit_tokens"] == 224 and stats.kvtier["miss_tokens"] == 250 - 224
@@ -147,6 +146,22 @@ def test_wrong_password_and_tls_mismatch(tiny_model: Path, redis_with_password: 
     engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(good, required=True))
     _generate(engine, "ok")
     assert engine.stats().kvtier["blocks_stored"] == 8 and engine.stats().kvtier["errors"] == 0
+
+
+def test_tls_with_password_end_to_end(tiny_model: Path, redis_with_tls: Any, cold_tokens: list[int]) -> None:
+    url = redis_with_tls.url
+    assert url.startswith("rediss://:s3cret@")
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(url, required=True))
+    assert _generate(a, "a") == cold_tokens and a.stats().kvtier["blocks_stored"] == 8
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(url, required=True))
+    assert _generate(b, "b") == cold_tokens
+    assert b.stats().kvtier["hit_tokens"] == 224 and b.stats().kvtier["errors"] == 0
+    untrusted = url.split("?")[0]  # the self-signed certificate is not in the system CA store
+    with pytest.raises(RuntimeError, match=r"unreachable.*(certificate|SSL)"):
+        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(untrusted, required=True))
+    plain = url.split("?")[0].replace("rediss://", "redis://")
+    with pytest.raises(RuntimeError, match="unreachable"):
+        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(plain, required=True))
 
 
 def test_values_above_the_size_limit_are_not_stored(tiny_model: Path, redis_server: Any) -> None:

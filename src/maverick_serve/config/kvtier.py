@@ -13,6 +13,32 @@ class MemoryStoreConfig(BaseModel):
     capacity_bytes: int = Field(1 << 30, gt=0, description="Bytes kept before least-recently-used blocks go.")
 
 
+class RedisBulkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["redis"] = Field("redis", description="Block values travel to the same Redis as the index.")
+
+
+class MooncakeBulkConfig(BaseModel):
+    """Mooncake's distributed store (RDMA) for block values; Redis keeps the index."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["mooncake"] = Field("mooncake", description="Mooncake transfer engine + store.")
+    master_server: str = Field(description="host:port of mooncake_master.")
+    metadata_server: str = Field(
+        description="Transfer-engine metadata URL, e.g. http://master:8080/metadata."
+    )
+    local_hostname: str = Field(description="This node's address as the other nodes reach it.")
+    protocol: Literal["rdma", "tcp"] = Field("rdma", description="Wire between nodes.")
+    rdma_devices: str = Field("", description="Comma-separated NICs (mlx5_0,...); empty: auto.")
+    global_segment_bytes: int = Field(
+        16 << 30, gt=0, description="Memory this node contributes to the distributed pool."
+    )
+    local_buffer_bytes: int = Field(1 << 30, gt=0, description="Registered staging buffer per node.")
+
+
+BulkConfig = Annotated[RedisBulkConfig | MooncakeBulkConfig, Field(discriminator="type")]
+
+
 class RedisStoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["redis"] = Field("redis", description="Redis shared by every replica.")
@@ -25,8 +51,9 @@ class RedisStoreConfig(BaseModel):
     ttl_s: int | None = Field(
         24 * 3600, ge=1, description="Expiry of stored blocks (None: rely on eviction)."
     )
-    client: Literal["asyncio", "threaded"] = Field(
-        "asyncio", description="redis-py's asyncio client, or its blocking client on a thread pool."
+    bulk: BulkConfig = Field(
+        default_factory=RedisBulkConfig,
+        description="Transport for block values (Redis itself, or Mooncake over RDMA).",
     )
     max_value_bytes: int = Field(
         256 * 1024 * 1024,

@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from maverick_serve.kvtier.store import KVStore, KVStoreError
+from maverick_serve.kvtier.store import KVStore, KVStoreError, StoreValue, value_nbytes
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+PendingStore = tuple[str, StoreValue | Callable[[], StoreValue]]  # a payload or its deferred encoder
 
 
 @dataclass
@@ -44,9 +45,7 @@ class KVTierClient:
         self.loop = asyncio.new_event_loop()
         self._io = threading.Thread(target=self.loop.run_forever, name="kvtier-io", daemon=True)
         self._io.start()
-        self._writes: queue.Queue[list[tuple[str, bytes | Callable[[], bytes]]] | None] = queue.Queue(
-            maxsize=queue_blocks
-        )
+        self._writes: queue.Queue[list[PendingStore] | None] = queue.Queue(maxsize=queue_blocks)
         self._writer = threading.Thread(target=self._write_loop, name="kvtier-writer", daemon=True)
         self._writer.start()
 
@@ -84,7 +83,7 @@ class KVTierClient:
         except (KVStoreError, TimeoutError) as exc:
             self._error(exc)
 
-    def submit(self, items: list[tuple[str, bytes | Callable[[], bytes]]]) -> bool:
+    def submit(self, items: list[PendingStore]) -> bool:
         """Queue blocks for storing; under overload drop them (never stall the engine). A payload
         may be a callable, encoded on the writer thread instead of the caller's."""
         try:
@@ -111,7 +110,7 @@ class KVTierClient:
                 self._call(lambda items=items: self.store.put_many(items, self.ttl_s))  # type: ignore[misc]
                 self.stats.store_seconds += time.perf_counter() - start
                 self.stats.blocks_stored += len(items)
-                self.stats.bytes_out += sum(len(v) for _, v in items)
+                self.stats.bytes_out += sum(value_nbytes(v) for _, v in items)
             except (KVStoreError, TimeoutError) as exc:
                 self._error(exc)
             except Exception:  # a store bug must not kill the writer

@@ -22,9 +22,9 @@ from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.kv_cache import KVCacheManager, chain_block_hashes, flat_slots
 from maverick_serve.engine.sequence import Sequence
 from maverick_serve.kvtier.client import KVTierClient
-from maverick_serve.kvtier.codec import CorruptBlockError, decode_block, encode_block
+from maverick_serve.kvtier.codec import CorruptBlockError, decode_block, encode_block_parts
 from maverick_serve.kvtier.keys import block_key, model_fingerprint
-from maverick_serve.kvtier.store import KVStore, KVStoreError, MemoryKVStore
+from maverick_serve.kvtier.store import KVStore, KVStoreError, MemoryKVStore, StoreValue
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVCache
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def make_store(cfg: KVTierConfig) -> KVStore:
             cfg.store.max_connections,
             cfg.store.socket_timeout_s,
             cfg.store.max_value_bytes,
-            cfg.store.client,
+            cfg.store.bulk,
         )
     return MemoryKVStore(cfg.store.capacity_bytes)
 
@@ -205,7 +205,7 @@ class KVTierConnector:
         hashes = self._hashes(seq)
         done_before = min(before, prompt) // self.block_size
         done_now = min(seq.num_computed, prompt) // self.block_size
-        items: list[tuple[str, bytes | Callable[[], bytes]]] = []
+        items: list[tuple[str, StoreValue | Callable[[], StoreValue]]] = []
         for index in range(max(done_before, seq.tier_stored), min(done_now, len(hashes))):
             kv = self._gather(seq, GLOBAL_GROUP, index)
             items.append((self._key(GLOBAL_GROUP, hashes[index]), self._encoder(kv, GLOBAL_GROUP, index)))
@@ -220,9 +220,9 @@ class KVTierConnector:
         if items:
             self.client.submit(items)
 
-    def _encoder(self, kv: torch.Tensor, group: str, index: int) -> Callable[[], bytes]:
+    def _encoder(self, kv: torch.Tensor, group: str, index: int) -> Callable[[], StoreValue]:
         start = index * self.block_size
-        return lambda: encode_block(kv, group, start, start + self.block_size)
+        return lambda: encode_block_parts(kv, group, start, start + self.block_size)
 
     def close(self) -> None:
         self.client.close()

@@ -14,13 +14,20 @@ from maverick_serve.net import free_port
 
 
 class RedisProcess:
-    def __init__(self, workdir: Path, password: str | None = None, maxmemory: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        password: str | None = None,
+        maxmemory: str | None = None,
+        tls: bool = False,
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (bash scripts/setup.sh installs it)")
         self.port = free_port()
         self.workdir = Path(workdir)
         self.password = password
         self.maxmemory = maxmemory
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -28,9 +35,28 @@ class RedisProcess:
         return self.workdir / "redis.sock"
 
     @property
+    def cert_path(self) -> Path:
+        return self.workdir / "tls-cert.pem"
+
+    @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:  # the self-signed certificate is its own CA
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert_path}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _make_certificate(self) -> list[str]:
+        key = self.workdir / "tls-key.pem"
+        if not self.cert_path.exists():
+            openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+            subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+            files = ["-keyout", str(key), "-out", str(self.cert_path)]
+            subprocess.run([*openssl, *files, *subject], check=True, capture_output=True)
+        return [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert_path),
+            "--tls-key-file", str(key), "--tls-ca-cert-file", str(self.cert_path),
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
 
     @property
     def unix_url(self) -> str:
@@ -39,8 +65,7 @@ class RedisProcess:
     def start(self, timeout_s: float = 10.0) -> None:
         cmd = [
             "redis-server",
-            "--port",
-            str(self.port),
+            *(self._make_certificate() if self.tls else ["--port", str(self.port)]),
             "--bind",
             "127.0.0.1",
             "--save",

@@ -3,7 +3,8 @@
 Contract of `KVStore` (all methods are coroutines, called from the tier's I/O event loop only):
 - `exists_many(keys)` and `get_many(keys)` answer per key in one round trip; a missing or evicted
   key is `False` / `None` (a miss, not an error);
-- `put_many(items, ttl_s)` stores all pairs (best effort; may evict others under memory limits);
+- `put_many(items, ttl_s)` stores all pairs (best effort; may evict others under memory limits); a
+  value is bytes or parts to be stored back to back (`StoreValue`);
 - `delete_many(keys)` removes keys (used for values that fail their checksum);
 - any other failure (store down, auth, TLS) raises `KVStoreError`; the tier counts it and treats
   the request as a miss, so losing the store costs time, never a wrong answer.
@@ -13,6 +14,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+
+StoreValue = bytes | tuple[bytes, memoryview]  # one buffer, or a header and a payload view
+
+
+def value_nbytes(value: StoreValue) -> int:
+    return len(value) if isinstance(value, bytes) else sum(memoryview(p).nbytes for p in value)
+
+
+def value_bytes(value: StoreValue) -> bytes:
+    return value if isinstance(value, bytes) else b"".join(value)
 
 
 class KVStoreError(RuntimeError):
@@ -27,7 +38,7 @@ class KVStore(ABC):
     async def get_many(self, keys: list[str]) -> list[bytes | None]: ...
 
     @abstractmethod
-    async def put_many(self, items: list[tuple[str, bytes]], ttl_s: int | None) -> None: ...
+    async def put_many(self, items: list[tuple[str, StoreValue]], ttl_s: int | None) -> None: ...
 
     @abstractmethod
     async def delete_many(self, keys: list[str]) -> None: ...
@@ -59,8 +70,9 @@ class MemoryKVStore(KVStore):
             out.append(v)
         return out
 
-    async def put_many(self, items: list[tuple[str, bytes]], ttl_s: int | None) -> None:
-        for k, v in items:
+    async def put_many(self, items: list[tuple[str, StoreValue]], ttl_s: int | None) -> None:
+        for k, value in items:
+            v = value_bytes(value)
             if len(v) > self.capacity:
                 continue
             old = self.data.pop(k, None)

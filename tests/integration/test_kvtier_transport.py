@@ -1,0 +1,109 @@
+"""The bulk-bytes transport seam against real servers: Redis (default) and Mooncake (optional)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from maverick_serve.config import EngineConfig
+from maverick_serve.config.kvtier import KVTierConfig, MooncakeBulkConfig
+from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.types import EngineRequest, SamplingParams
+from maverick_serve.kvtier.redis_store import RedisKVStore
+from maverick_serve.kvtier.store import KVStoreError
+from maverick_serve.kvtier.transport import RedisBulkTransport
+
+
+def test_large_values_round_trip_in_pipelines(redis_server: Any) -> None:
+    transport = RedisBulkTransport(redis_server.url, 2, 5.0)
+    values = {f"t:{i}": os.urandom(300_000 + i) for i in range(20)}
+    transport.put_many(list(values.items()), ttl_s=60)
+    got = transport.get_many([*values, "t:missing"])
+    assert [bytes(v) for v in got[:-1] if v is not None] == list(values.values()) and got[-1] is None
+    assert 0 < redis_server.client().ttl("t:0") <= 60
+    transport.delete_many(list(values))
+    assert transport.get_many(["t:0"]) == [None]
+
+
+def test_error_reply_keeps_the_connection_in_sync(redis_server: Any) -> None:
+    transport = RedisBulkTransport(redis_server.url, 1, 5.0)  # one connection: it must survive
+    redis_server.client().rpush("t:list", "x")
+    transport.put_many([("t:a", b"A" * 100_000)], None)
+    with pytest.raises(KVStoreError, match="WRONGTYPE"):
+        transport.get_many(["t:a", "t:list", "t:a"])
+    assert [bytes(v or b"") for v in transport.get_many(["t:a"])] == [b"A" * 100_000]
+
+
+def test_reconnects_after_a_restart(redis_server: Any) -> None:
+    transport = RedisBulkTransport(redis_server.url, 1, 1.0)
+    transport.put_many([("t:a", b"1")], None)
+    redis_server.stop()
+    with pytest.raises(KVStoreError, match=r"redis GET failed \(redis://127\.0\.0\.1"):
+        transport.get_many(["t:a"])
+    redis_server.start()
+    assert transport.get_many(["t:a"]) == [None]  # a fresh, empty server; no error
+
+
+def test_wrong_password_names_the_server_not_the_secret(redis_with_password: Any) -> None:
+    transport = RedisBulkTransport(redis_with_password.url.replace("s3cret", "wrong"), 1, 1.0)
+    with pytest.raises(KVStoreError) as info:
+        transport.ping()
+    assert "WRONGPASS" in str(info.value) or "invalid" in str(info.value)
+    assert "wrong" not in str(info.value).replace("WRONGPASS", "")
+
+
+def test_store_over_redis_index_plus_bulk(redis_server: Any) -> None:
+    async def scenario() -> tuple[list[bool], list[Any]]:
+        store = RedisKVStore(redis_server.url, max_value_bytes=200_000)
+        await store.put_many([("s:a", b"a" * 1000), ("s:big", b"b" * 300_000)], ttl_s=None)
+        present = await store.exists_many(["s:a", "s:big"])
+        values = await store.get_many(["s:a", "s:big"])
+        await store.close()
+        return present, values
+
+    present, values = asyncio.run(scenario())
+    assert present == [True, False]  # above max_value_bytes: not stored
+    assert values[0] == b"a" * 1000 and values[1] is None
+
+
+@pytest.mark.mooncake
+def test_mooncake_bulk_transport_reuse_across_replicas(tiny_model: Path, redis_server: Any) -> None:
+    """Runs where `mooncake-transfer-engine` is installed and a master is reachable:
+    MAVERICK_MOONCAKE_MASTER=host:port, MAVERICK_MOONCAKE_METADATA=http://host:8080/metadata."""
+    if importlib.util.find_spec("mooncake") is None or "MAVERICK_MOONCAKE_MASTER" not in os.environ:
+        pytest.skip("needs mooncake-transfer-engine and MAVERICK_MOONCAKE_MASTER")
+    bulk = MooncakeBulkConfig(
+        master_server=os.environ["MAVERICK_MOONCAKE_MASTER"],
+        metadata_server=os.environ["MAVERICK_MOONCAKE_METADATA"],
+        local_hostname=os.environ.get("MAVERICK_MOONCAKE_HOST", "127.0.0.1"),
+        protocol=os.environ.get("MAVERICK_MOONCAKE_PROTOCOL", "rdma"),  # type: ignore[arg-type]
+        global_segment_bytes=256 << 20,
+        local_buffer_bytes=64 << 20,
+    )
+    tier = KVTierConfig.model_validate(
+        {"store": {"type": "redis", "url": redis_server.url, "bulk": bulk.model_dump()}, "block_size": 32}
+    )
+    engine_cfg = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
+    prompt = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def run(engine: NativeEngine) -> list[int]:
+        engine.add_request(EngineRequest("r", prompt, SamplingParams(temperature=0, max_tokens=8)))
+        out: list[int] = []
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out.extend(o.new_token_ids)
+        assert engine.kv_connector is not None
+        engine.kv_connector.client.flush()
+        return out
+
+    a = NativeEngine.from_pretrained(tiny_model, engine_cfg, kvtier=tier)
+    cold = run(a)
+    assert redis_server.client().get(next(iter(redis_server.client().keys("mvkv:*")))) == b"1"  # marker
+    b = NativeEngine.from_pretrained(tiny_model, engine_cfg, kvtier=tier)
+    assert run(b) == cold and b.stats().kvtier["hit_tokens"] == 224
