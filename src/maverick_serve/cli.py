@@ -275,6 +275,25 @@ def cmd_bench_kvtier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_router(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.router_bench import run_bench
+
+    model = args.model or default_tiny_model()
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    print(run_bench(model, args.requests, args.concurrency, policies))
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from maverick_serve.router.auth import hash_key
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    if not key:
+        raise SystemExit("hash-key: give the API key as an argument or on stdin")
+    print(hash_key(key))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_pretrained_dir(args.model) if args.model else preset(args.preset)
     print(json.dumps(spec.to_hf() if args.hf else spec.model_dump(mode="json"), indent=2))
@@ -431,6 +450,24 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--blocks", type=_positive, default=2000, help="blocks for the throughput test")
     bk.add_argument("--budget", type=_positive, default=2048, help="engine tokens per step")
     bk.set_defaults(func=cmd_bench_kvtier)
+
+    br = bench.add_parser(
+        "router",
+        help="router: decision latency at 8/64 replicas, replayed workload per routing policy",
+    )
+    br.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    br.add_argument("--requests", type=_positive, default=48, help="requests in the replayed workload")
+    br.add_argument("--concurrency", type=_positive, default=4, help="concurrent clients")
+    br.add_argument(
+        "--policies",
+        default="round_robin,cache_aware,multimodal_cache_aware",
+        help="comma-separated policies to compare",
+    )
+    br.set_defaults(func=cmd_bench_router)
+
+    hk = sub.add_parser("hash-key", help="print the SHA-256 of an API key for router.auth.keys")
+    hk.add_argument("key", nargs="?", default=None, help="the key (default: read one line from stdin)")
+    hk.set_defaults(func=cmd_hash_key)
 
     cfg = sub.add_parser("config", help="inspect model configs").add_subparsers(dest="config", required=True)
     show = cfg.add_parser("show", help="print a preset's or a checkpoint's model spec")

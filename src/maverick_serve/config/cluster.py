@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.config.kvtier import KVTierConfig
+from maverick_serve.config.routing import AuthConfig, RoutingConfig
 
 
 class ModelSourceConfig(BaseModel):
@@ -46,7 +47,13 @@ class RouterConfig(BaseModel):
         default_factory=list, description="Hosts remote images may come from when allow_remote_images is on."
     )
     max_n: int = Field(4, ge=1, description="Largest `n` (choices per request).")
-    request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request end to end.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline of one request end to end (504 after it; the engine aborts)."
+    )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="Replica choice, backpressure and retries."
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Optional API keys and per-key limits.")
 
 
 class ReplicaResources(BaseModel):

@@ -13,7 +13,7 @@ tokens (and image hashes). Released blocks stay cached (evictable, LRU) until re
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +59,9 @@ def flat_slots(table: list[int | None], block_size: int, start: int, end: int) -
 class BlockPool:
     """Fixed set of blocks with ref counts; free blocks form an LRU that may still be cached."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, events: deque[tuple[bool, bytes]] | None = None) -> None:
         self.num_blocks = num_blocks
+        self.events = events  # (stored?, hash) for routers; None when nobody listens
         self.ref = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
@@ -80,6 +81,8 @@ class BlockPool:
         if old is not None:
             del self.cached[old]
             self.hash_of[block] = None
+            if self.events is not None:
+                self.events.append((False, old))
         self.ref[block] = 1
         return block
 
@@ -100,6 +103,8 @@ class BlockPool:
         if self.hash_of[block] is None and block_hash not in self.cached:
             self.cached[block_hash] = block
             self.hash_of[block] = block_hash
+            if self.events is not None:
+                self.events.append((True, block_hash))
 
 
 @dataclass
@@ -130,6 +135,14 @@ class KVCacheManager:
         self.chunk_size = chunk_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pools = {g: BlockPool(blocks_per_group[g]) for g in GROUPS}
+
+    def enable_cache_events(self, maxlen: int = 1_000_000) -> deque[tuple[bool, bytes]]:
+        """Record global-group blocks stored in and evicted from the prefix cache (the blocks a
+        router can match a prompt against), for a publisher thread to drain."""
+        pool = self.pools[GLOBAL_GROUP]
+        if pool.events is None:
+            pool.events = deque(maxlen=maxlen)
+        return pool.events
 
     def chunk_start(self, position: int) -> int:
         return position - position % self.chunk_size

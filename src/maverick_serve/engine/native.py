@@ -334,6 +334,20 @@ class NativeEngine(Engine):
             self._rates.popleft()
 
     # ---- introspection --------------------------------------------------------------------
+    def load_report(self) -> dict[str, int]:
+        """Queue and KV state for routers; safe to call from another thread (reads snapshots)."""
+        waiting = list(self.scheduler.waiting)
+        running = list(self.scheduler.running)
+        queued = sum(max(0, s.prompt_len - s.num_computed) for s in waiting + running)
+        pool = self.kv.pools[GLOBAL_GROUP]
+        return {
+            "waiting": len(waiting),
+            "running": len(running),
+            "queued_prefill_tokens": queued,
+            "free_kv_blocks": pool.num_free,
+            "total_kv_blocks": pool.num_blocks,
+        }
+
     def stats(self) -> EngineStats:
         span = (self._rates[-1][0] - self._rates[0][0]) if len(self._rates) > 1 else 0.0
         prefill = sum(p for _, p, _ in self._rates)

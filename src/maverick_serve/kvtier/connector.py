@@ -12,6 +12,7 @@ all-layers layout would: 12/48 for Scout and Maverick.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class KVTierConnector:
         self.prefix = cfg.key_prefix
         self.kv = kv
         self.cache = cache
+        self.shared = cfg.store.type == "redis"  # every replica reads the same store
+        self.tier_events: deque[bytes] | None = None  # global blocks queued for storing, for routers
         self.layers = {
             GLOBAL_GROUP: list(spec.text.global_layers),
             CHUNKED_GROUP: list(spec.text.chunked_layers),
@@ -209,6 +212,8 @@ class KVTierConnector:
         for index in range(max(done_before, seq.tier_stored), min(done_now, len(hashes))):
             kv = self._gather(seq, GLOBAL_GROUP, index)
             items.append((self._key(GLOBAL_GROUP, hashes[index]), self._encoder(kv, GLOBAL_GROUP, index)))
+            if self.tier_events is not None:
+                self.tier_events.append(hashes[index])
             seq.tier_stored = index + 1
         if seq.num_computed >= prompt and not seq.tier_chunked_stored:
             seq.tier_chunked_stored = True

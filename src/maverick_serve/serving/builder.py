@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.router.hub import ReplicaStateHub
 from maverick_serve.serving.engine_server import EngineServer
 from maverick_serve.serving.model_store import ensure_model
 from maverick_serve.serving.router_server import RouterServer
@@ -20,6 +21,8 @@ from maverick_serve.serving.router_server import RouterServer
 ROUTER_DEPLOYMENT = "Router"
 ENGINE_DEPLOYMENT = "LlamaEngine"
 PREFILL_DEPLOYMENT = "LlamaPrefill"
+STATE_HUB_DEPLOYMENT = "ReplicaStateHub"
+RANKED_ROUTER = "maverick_serve.serving.request_router:RankedRequestRouter"
 
 
 def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
@@ -43,6 +46,15 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "max_ongoing_requests": e.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
             "health_check_period_s": 5,
+            "logging_config": logging_config,
+            # Serve follows the ranking our Router's policy attaches to each request.
+            "request_router_config": {"request_router_class": RANKED_ROUTER},
+        },
+        STATE_HUB_DEPLOYMENT: {
+            "name": STATE_HUB_DEPLOYMENT,
+            "num_replicas": 1,
+            "max_ongoing_requests": 10_000,  # tiny synchronous calls from every replica and router
+            "ray_actor_options": {"num_cpus": 0},
             "logging_config": logging_config,
         },
         PREFILL_DEPLOYMENT: {
@@ -93,12 +105,15 @@ def build_app(config: ClusterConfig) -> Application:
     config = ensure_model(config)
     payload = config.model_dump(mode="json")
     options = deployment_options(config)
+    hub = serve.deployment(**options[STATE_HUB_DEPLOYMENT])(ReplicaStateHub).bind(
+        expiry_s=config.router.routing.state_expiry_s * 3
+    )
     engine = serve.deployment(**options[ENGINE_DEPLOYMENT])(EngineServer)
     router = serve.deployment(**options[ROUTER_DEPLOYMENT])(serve.ingress()(RouterServer))
     prefill = None
     if config.disaggregation.enabled:
         prefill = serve.deployment(**options[PREFILL_DEPLOYMENT])(EngineServer).bind(payload)
-    return router.bind(payload, engine.bind(payload), prefill)
+    return router.bind(payload, engine.bind(payload, hub), prefill, hub)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

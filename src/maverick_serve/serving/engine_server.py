@@ -20,6 +20,7 @@ from maverick_serve.engine.async_engine import AsyncEngine, EngineDeadError
 from maverick_serve.engine.inputs import InputProcessor
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, ImageInput, InvalidRequestError
+from maverick_serve.router.publisher import HandleStateChannel, StateChannel, StatePublisher
 from maverick_serve.serving.protocol import EngineWorkItem
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def error_event(status: int, message: str, param: str | None = None) -> dict[str
 
 
 class EngineServer:
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], hub: Any = None, replica_name: str | None = None) -> None:
         cfg = ClusterConfig.model_validate(config)
         if cfg.model.path is None:
             raise ValueError("model.path must be resolved by the builder before replicas start")
@@ -48,7 +49,7 @@ class EngineServer:
         self.config = cfg
         self.engine = NativeEngine.from_pretrained(model_dir, cfg.engine, cfg.experts, cfg.kvtier)
         self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
-        self.replica = _replica_name()
+        self.replica = replica_name or _replica_name()
         on_stats = None
         try:
             from maverick_serve.serving.metrics import EngineMetrics
@@ -59,6 +60,11 @@ class EngineServer:
         self.runner = AsyncEngine(
             self.engine, on_stats=on_stats, stats_interval_s=cfg.observability.metrics_interval_s
         )
+        self.publisher: StatePublisher | None = None
+        if hub is not None:  # report load and cache contents to the routers
+            channel = hub if isinstance(hub, StateChannel) else HandleStateChannel(hub)
+            interval = cfg.router.routing.state_interval_s
+            self.publisher = StatePublisher(self.replica, self.engine, channel, interval).start()
         logger.info(
             "engine replica %s ready: %s, max_model_len %d",
             self.replica,
@@ -76,12 +82,19 @@ class EngineServer:
                 sampling=work.sampling,
                 images=[ImageInput(p.pixel_values, p.num_patch_tokens, p.content_hash) for p in processed],
             )
+            first = True
             async for out in self.runner.generate(request):
-                yield dataclasses.asdict(out)
+                event = dataclasses.asdict(out)
+                if first:  # tells the router where the request runs
+                    event["replica"] = self.replica
+                    first = False
+                yield event
         except InvalidRequestError as exc:
-            yield error_event(400, str(exc), exc.field)
+            yield error_event(400, str(exc), exc.field) | {"replica": self.replica}
         except EngineDeadError as exc:
-            yield error_event(503, f"engine replica {self.replica} is down: {exc}")
+            yield error_event(503, f"engine replica {self.replica} is down: {exc}") | {
+                "replica": self.replica
+            }
 
     async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
         """Prefill role: compute the prompt, store its KV in the tier, return once it is stored.
@@ -116,6 +129,9 @@ class EngineServer:
             raise RuntimeError(f"engine loop stopped: {self.runner.error!r}")
 
     def __del__(self) -> None:
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            publisher.close()
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.shutdown(timeout_s=1.0)

@@ -118,3 +118,6 @@ class EngineWorkItem(BaseModel):
     prompt_token_ids: list[int]
     images: list[bytes] = Field(default_factory=list)
     sampling: SamplingParams
+    route: list[str] = Field(
+        default_factory=list, description="Engine replica ids, best first (the router's ranking)."
+    )

@@ -1,18 +1,20 @@
 """The Router deployment: the OpenAI-compatible HTTP ingress.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (liveness),
-GET /ready (an engine replica answers), GET /openapi.json. Requests are parsed, validated and
-tokenized here; engine replicas only ever see well-formed token ids and image bytes.
+GET /ready (an engine replica answers), GET /openapi.json. Requests are authenticated, parsed,
+validated, tokenized and priced here; the `Dispatcher` picks the engine replica (policy,
+backpressure, retries). Engine replicas only ever see well-formed token ids and image bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.types import SamplingParams
+from maverick_serve.router.auth import ApiKeyAuth
+from maverick_serve.router.dispatcher import Dispatcher, Opened
+from maverick_serve.router.publisher import HandleStateChannel, StateChannel
 from maverick_serve.serving.engine_client import EngineClient, HandleEngineClient
 from maverick_serve.serving.errors import APIError, from_validation_error
+from maverick_serve.serving.openai_format import Choice, ResponseFormatter, sse_data, usage
 from maverick_serve.serving.protocol import ChatCompletionRequest, CompletionRequest, EngineWorkItem
 from maverick_serve.serving.request_builder import RequestBuilder
 
@@ -31,20 +37,8 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 
 
-class _Choice:
-    """Accumulates one choice's deltas."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.text: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs: list[dict[str, Any]] = []
-        self.finish_reason: str | None = None
-        self.usage: dict[str, int] | None = None
-
-
 class RouterServer:
-    def __init__(self, config: dict[str, Any], engine: Any, prefill: Any = None) -> None:
+    def __init__(self, config: dict[str, Any], engine: Any, prefill: Any = None, hub: Any = None) -> None:
         self.config = ClusterConfig.model_validate(config)
         assert self.config.model.path is not None, "the builder resolves model.path"
         self.builder = RequestBuilder(Path(self.config.model.path), self.config)
@@ -52,7 +46,15 @@ class RouterServer:
         self.prefill: EngineClient | None = None
         if prefill is not None:
             self.prefill = prefill if isinstance(prefill, EngineClient) else HandleEngineClient(prefill)
+        channel: StateChannel | None = None
+        if hub is not None:
+            channel = hub if isinstance(hub, StateChannel) else HandleStateChannel(hub)
+        self.dispatcher = Dispatcher(
+            self.config, self.builder.spec, self.engine, channel, self.builder.image_cfg
+        )
+        self.auth = ApiKeyAuth(self.config.router.auth)
         self.model_name = self.config.model.served_model_name
+        self.format = ResponseFormatter(self.model_name, self.builder.tokenizer)
         self.created = int(time.time())
         # Serve's proxy already echoes x-request-id (and injects one when the client sent none).
         self.echo_request_id = True
@@ -140,7 +142,13 @@ class RouterServer:
     ) -> Response:
         rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         headers = {REQUEST_ID_HEADER: rid} if self.echo_request_id else {}
+        loop = asyncio.get_running_loop()
+        timeout = self.config.router.request_timeout_s
+        deadline = loop.time() + timeout
+        opened: Opened | None = None
+        handed_off = False
         try:
+            key = self.auth.authenticate(request.headers.get("authorization"))
             payload = await self._read_json(request)
             try:
                 req = model.model_validate(payload)
@@ -151,39 +159,51 @@ class RouterServer:
                 prompt, images = await self.builder.chat_prompt(req)
             else:
                 prompt, images = self.builder.completion_prompt(req), []
+            session = request.headers.get(self.config.router.routing.session_header) or req.user
+            cost = self.dispatcher.price(prompt, images, session)
+            self.auth.admit(key, len(prompt) + (sampling.max_tokens or 0) * req.n)
+            await self.dispatcher.start()
             items = self._work_items(rid, prompt, images, sampling, req.n)
             if self.prefill is not None and len(prompt) >= self.config.disaggregation.threshold_tokens:
-                handed = await asyncio.wait_for(
-                    self.prefill.prefill(items[0].model_dump()), self.config.router.request_timeout_s
-                )
+                handed = await asyncio.wait_for(self.prefill.prefill(items[0].model_dump()), timeout)
                 if "error" in handed:
                     err = handed["error"]
                     raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
-            streams = [self.engine.stream(item.model_dump()) for item in items]
-            firsts = await asyncio.wait_for(
-                asyncio.gather(*(_first_event(s) for s in streams)), self.config.router.request_timeout_s
-            )
-            for event in firsts:
+            opened = await asyncio.wait_for(self.dispatcher.open(items, cost), deadline - loop.time())
+            for event in opened.firsts:
                 if "error" in event:
                     err = event["error"]
-                    for s in streams:
-                        await s.aclose()
                     raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
+            if opened.replica:
+                headers["x-maverick-replica"] = opened.replica
+            headers["x-maverick-retries"] = str(opened.retries)
             kind = "chat" if isinstance(req, ChatCompletionRequest) else "completion"
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                body = self._sse(kind, rid, streams, firsts, include_usage)
+                body = self._sse(kind, rid, opened, include_usage, deadline)
+                handed_off = True
                 return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-            result = await asyncio.wait_for(
-                self._collect(kind, rid, streams, firsts), self.config.router.request_timeout_s
-            )
+            result = await asyncio.wait_for(self._collect(kind, rid, opened), deadline - loop.time())
             return JSONResponse(result, headers=headers)
         except APIError as exc:
+            if exc.status in (401, 429):
+                self.dispatcher.metrics.rejection(exc.code or str(exc.status))
             return exc.response(headers)
         except TimeoutError:
+            self.dispatcher.metrics.rejection("deadline")
             return APIError(
-                504, f"request exceeded router.request_timeout_s={self.config.router.request_timeout_s}"
+                504, f"request exceeded router.request_timeout_s={timeout}", None, "timeout"
             ).response(headers)
+        finally:
+            if opened is not None and not handed_off:
+                await self._close(opened, None)
+
+    async def _close(self, opened: Opened, choices: list[Choice] | None) -> None:
+        """Close every stream (aborts engine requests still running) and settle accounting."""
+        for s in opened.streams:
+            with contextlib.suppress(Exception):
+                await s.aclose()
+        self.dispatcher.finished(opened, usage(choices)["prompt_tokens_details"] if choices else None)
 
     def _work_items(
         self, rid: str, prompt: list[int], images: list[bytes], sampling: SamplingParams, n: int
@@ -203,170 +223,85 @@ class RouterServer:
             )
         return items
 
-    def _apply(self, choice: _Choice, event: dict[str, Any]) -> None:
-        choice.text.append(event["text_delta"])
-        choice.token_ids.extend(event["new_token_ids"])
-        for lp in event.get("logprobs") or []:
-            choice.logprobs.append(lp)
-        if event["finished"]:
-            choice.finish_reason = event["finish_reason"]
-            usage = event["usage"] or {}
-            choice.usage = usage
-
-    async def _collect(
-        self,
-        kind: str,
-        rid: str,
-        streams: list[AsyncGenerator[dict[str, Any], None]],
-        firsts: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        async def drain(i: int) -> _Choice:
-            choice = _Choice(i)
-            self._apply(choice, firsts[i])
-            if not firsts[i]["finished"]:
-                async for event in streams[i]:
-                    if "error" in event:
-                        raise APIError(event["error"]["status"], event["error"]["message"])
-                    self._apply(choice, event)
+    async def _collect(self, kind: str, rid: str, opened: Opened) -> dict[str, Any]:
+        async def drain(i: int) -> Choice:
+            choice = Choice(i)
+            choice.apply(opened.firsts[i])
+            if not opened.firsts[i]["finished"]:
+                try:
+                    async for event in opened.streams[i]:
+                        if "error" in event:
+                            raise APIError(event["error"]["status"], event["error"]["message"])
+                        choice.apply(event)
+                except APIError:
+                    raise
+                except Exception as exc:  # the replica died after the first token
+                    raise APIError(502, f"engine replica failed mid-generation: {exc!r}"[:500]) from exc
             return choice
 
-        choices = await asyncio.gather(*(drain(i) for i in range(len(streams))))
+        choices = list(await asyncio.gather(*(drain(i) for i in range(len(opened.streams)))))
+        self.dispatcher.finished(opened, usage(choices)["prompt_tokens_details"])
+        opened.predicted = None  # settled: `_close` must not count it twice
         body = [
-            self._choice_body(kind, c.index, "".join(c.text), c.logprobs, c.finish_reason) for c in choices
+            self.format.choice_body(kind, c.index, "".join(c.text), c.logprobs, c.finish_reason)
+            for c in choices
         ]
-        return self._envelope(kind, rid, stream=False) | {"choices": body, "usage": _usage(choices)}
-
-    def _envelope(self, kind: str, rid: str, stream: bool) -> dict[str, Any]:
-        """The fields every chat/completion response or chunk starts with."""
-        if kind == "chat":
-            obj = "chat.completion.chunk" if stream else "chat.completion"
-            return {
-                "id": f"chatcmpl-{rid}",
-                "object": obj,
-                "created": int(time.time()),
-                "model": self.model_name,
-            }
-        return {
-            "id": f"cmpl-{rid}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-        }
-
-    def _choice_body(
-        self,
-        kind: str,
-        index: int,
-        text: str,
-        logprobs: list[dict[str, Any]] | None,
-        finish_reason: str | None,
-        delta: bool = False,
-    ) -> dict[str, Any]:
-        if kind == "chat":
-            lp = self._chat_logprobs(logprobs) if logprobs else None
-            content = {
-                "delta" if delta else "message": {"content": text}
-                if delta
-                else {"role": "assistant", "content": text}
-            }
-            return {"index": index, **content, "logprobs": lp, "finish_reason": finish_reason}
-        lp = self._completion_logprobs(logprobs) if logprobs else None
-        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+        return self.format.envelope(kind, rid, stream=False) | {"choices": body, "usage": usage(choices)}
 
     async def _sse(
-        self,
-        kind: str,
-        rid: str,
-        streams: list[AsyncGenerator[dict[str, Any], None]],
-        firsts: list[dict[str, Any]],
-        include_usage: bool,
+        self, kind: str, rid: str, opened: Opened, include_usage: bool, deadline: float
     ) -> AsyncIterator[str]:
-        head = self._envelope(kind, rid, stream=True)
+        head = self.format.envelope(kind, rid, stream=True)
         queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
+        n = len(opened.streams)
 
         async def pump(i: int) -> None:
-            await queue.put((i, firsts[i]))
-            if not firsts[i]["finished"]:
-                async for event in streams[i]:
-                    await queue.put((i, event))
+            await queue.put((i, opened.firsts[i]))
+            try:
+                if not opened.firsts[i]["finished"]:
+                    async for event in opened.streams[i]:
+                        await queue.put((i, event))
+            except Exception as exc:  # the replica died after the first token: say so, never hang
+                message = f"engine replica failed mid-generation: {exc!r}"[:500]
+                await queue.put((i, {"error": {"status": 502, "message": message}}))
             await queue.put((i, None))
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
-        choices = [_Choice(i) for i in range(len(streams))]
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        choices = [Choice(i) for i in range(n)]
+        loop = asyncio.get_running_loop()
         try:
             if kind == "chat":
-                for i in range(len(streams)):
-                    role = {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    yield _sse_data(head | {"choices": [role]})
+                for i in range(n):
+                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                    yield sse_data(head | {"choices": [role | {"finish_reason": None}]})
             done = 0
-            while done < len(streams):
-                i, event = await queue.get()
+            while done < n:
+                try:
+                    i, event = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    self.dispatcher.metrics.rejection("deadline")
+                    limit = self.config.router.request_timeout_s
+                    yield sse_data(APIError(504, f"request exceeded router.request_timeout_s={limit}").body())
+                    break
                 if event is None:
                     done += 1
                     continue
                 if "error" in event:
-                    yield _sse_data(APIError(event["error"]["status"], event["error"]["message"]).body())
+                    yield sse_data(APIError(event["error"]["status"], event["error"]["message"]).body())
                     break
-                self._apply(choices[i], event)
+                choices[i].apply(event)
                 finish = event["finish_reason"] if event["finished"] else None
-                body = self._choice_body(
+                body = self.format.choice_body(
                     kind, i, event["text_delta"], event.get("logprobs"), finish, delta=True
                 )
-                yield _sse_data(head | {"choices": [body]})
+                yield sse_data(head | {"choices": [body]})
             if include_usage:
-                yield _sse_data(head | {"choices": [], "usage": _usage(choices)})
+                yield sse_data(head | {"choices": [], "usage": usage(choices)})
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:
                 t.cancel()
-            for s in streams:
-                await s.aclose()  # aborts engine requests of a client that went away
-
-    # ---- logprobs formats -------------------------------------------------------------------
-    def _token_text(self, token_id: int) -> str:
-        return self.builder.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _chat_logprobs(self, lps: list[dict[str, Any]]) -> dict[str, Any]:
-        content = []
-        for lp in lps:
-            tok = self._token_text(lp["token_id"])
-            content.append(
-                {
-                    "token": tok,
-                    "logprob": lp["logprob"],
-                    "bytes": list(tok.encode()),
-                    "top_logprobs": [
-                        {"token": (t := self._token_text(i)), "logprob": v, "bytes": list(t.encode())}
-                        for i, v in lp["top"]
-                    ],
-                }
-            )
-        return {"content": content}
-
-    def _completion_logprobs(self, lps: list[dict[str, Any]]) -> dict[str, Any]:
-        tokens = [self._token_text(lp["token_id"]) for lp in lps]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp["logprob"] for lp in lps],
-            "top_logprobs": [{self._token_text(i): v for i, v in lp["top"]} for lp in lps],
-            "text_offset": offsets,
-        }
-
-
-async def _first_event(stream: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        return {"error": {"status": 503, "message": "engine replica closed the stream", "param": None}}
+            await self._close(opened, choices)
 
 
 def _public_param(field: str | None, req: ChatCompletionRequest | CompletionRequest) -> str | None:
@@ -376,19 +311,3 @@ def _public_param(field: str | None, req: ChatCompletionRequest | CompletionRequ
     if field == "max_tokens" and req.max_completion_tokens is not None:
         return "max_completion_tokens"
     return {"prompt": "messages", "images": "messages"}.get(field.split(".")[0], field)
-
-
-def _usage(choices: list[_Choice]) -> dict[str, Any]:
-    prompt = max((c.usage or {}).get("prompt_tokens", 0) for c in choices)
-    completion = sum((c.usage or {}).get("completion_tokens", 0) for c in choices)
-    cached = max((c.usage or {}).get("cached_tokens", 0) for c in choices)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-def _sse_data(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -1,0 +1,99 @@
+"""Router settings: the routing policy, replica state, backpressure, retries and API keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PolicyName = Literal["round_robin", "least_load", "cache_aware", "multimodal_cache_aware"]
+
+
+class ScorerWeights(BaseModel):
+    """Weights of the scorers a policy sums; 0 switches a scorer off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: float = Field(0.0, ge=0, description="Share of the prompt already in the replica's prefix cache.")
+    tier: float = Field(0.0, ge=0, description="Share of the prompt in a KV tier the replica can load from.")
+    load: float = Field(0.0, ge=0, description="Low queued work (prefill tokens + requests) on the replica.")
+    image: float = Field(
+        0.0,
+        ge=0,
+        description="Low in-flight image work on the replica (only for requests with images).",
+    )
+    session: float = Field(
+        0.0, ge=0, description="The replica that served this session (`user` field or header) before."
+    )
+
+
+class RoutingConfig(BaseModel):
+    """How the router picks an engine replica for each request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: PolicyName = Field(
+        "multimodal_cache_aware",
+        description="round_robin | least_load | cache_aware | multimodal_cache_aware.",
+    )
+    weights: ScorerWeights | None = Field(
+        None, description="Override the named policy's scorer weights (round_robin ignores them)."
+    )
+    state_interval_s: float = Field(
+        0.05, gt=0, le=5, description="Replicas publish load and cache events, routers poll, this often."
+    )
+    state_expiry_s: float = Field(
+        3.0, gt=0, description="A replica silent for this long is no longer routed to."
+    )
+    max_queue_per_replica: int = Field(
+        32, ge=1, description="Waiting requests a replica may hold; when every replica is full → 429."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After header of a 429.")
+    max_retries: int = Field(
+        2, ge=0, description="Retries on another replica when one fails before the first token."
+    )
+    session_header: str = Field(
+        "x-session-id", description="Header naming a session for stickiness (else the `user` field)."
+    )
+    tier_weight: float = Field(
+        0.8, ge=0, le=1, description="A block loadable from the KV tier is worth this much of a local hit."
+    )
+    image_memory_s: float = Field(
+        10.0, gt=0, description="Half-life of the image work a replica recently received (spreads bursts)."
+    )
+    index_capacity_blocks: int = Field(
+        4_000_000, ge=1000, description="Cached-block entries the router tracks (oldest dropped first)."
+    )
+
+
+class ApiKey(BaseModel):
+    """One client key, stored as the SHA-256 of the key, never the key itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Who holds the key (metrics, logs).")
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key (`maverick-serve hash-key`)."
+    )
+    requests_per_min: int | None = Field(None, ge=1, description="Request limit (None: auth.default).")
+    tokens_per_min: int | None = Field(
+        None, ge=1, description="Prompt + max_tokens limit per minute (None: auth.default)."
+    )
+
+
+class AuthConfig(BaseModel):
+    """Optional API keys: `Authorization: Bearer <key>` on every /v1 call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Require an API key on /v1 routes (401 without one).")
+    keys: list[ApiKey] = Field(default_factory=list, description="Keys inline (hashed).")
+    keys_file: Path | None = Field(
+        None, description="JSON list of keys (same fields), e.g. a mounted Kubernetes secret."
+    )
+    keys_env: str | None = Field(
+        None, description="Environment variable holding the JSON list of keys (e.g. from a secret)."
+    )
+    default_requests_per_min: int = Field(600, ge=1, description="Request limit of keys that set none.")
+    default_tokens_per_min: int = Field(2_000_000, ge=1, description="Token limit of keys that set none.")

@@ -1,0 +1,1 @@
+"""Request routing: request cost, replica state, routing policies, backpressure and API keys."""

@@ -1,0 +1,204 @@
+"""The router's replica choice and delivery: state polling, policy, backpressure, retries.
+
+`Dispatcher.open` prices a request, asks the policy for a ranking, sends the work items with the
+ranking attached and waits for each choice's first event. A replica that fails before the first
+token (died, engine down, stream closed) is marked failed and the request goes to the next
+choice, up to `routing.max_retries` times; 4xx answers are final. When every live replica's
+queue is full the request is refused with 429 and Retry-After instead of queueing forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.model import ModelSpec
+from maverick_serve.model.image_processing import ImageProcessingConfig, decode_image, pixel_content_hash
+from maverick_serve.router.cost import CostModel, RequestCost
+from maverick_serve.router.metrics import RouterMetrics
+from maverick_serve.router.policy import Decision, make_policy
+from maverick_serve.router.publisher import StateChannel
+from maverick_serve.router.state import ClusterView
+from maverick_serve.serving.engine_client import EngineClient
+from maverick_serve.serving.errors import APIError
+from maverick_serve.serving.protocol import EngineWorkItem
+
+logger = logging.getLogger(__name__)
+Stream = AsyncGenerator[dict[str, Any], None]
+
+
+class ImageHasher:
+    """Pixel content hashes as the engine computes them (decoded RGB), memoised by the encoded
+    bytes' SHA-256 so a repeated image costs one hash of its file, not a decode."""
+
+    def __init__(self, cfg: ImageProcessingConfig, capacity: int = 4096) -> None:
+        self.cfg = cfg
+        self.capacity = capacity
+        self.memo: OrderedDict[bytes, str] = OrderedDict()
+
+    def __call__(self, data: bytes) -> str:
+        key = hashlib.sha256(data).digest()
+        found = self.memo.get(key)
+        if found is None:
+            found = self.memo[key] = pixel_content_hash(decode_image(data, self.cfg))
+            while len(self.memo) > self.capacity:
+                self.memo.popitem(last=False)
+        else:
+            self.memo.move_to_end(key)
+        return found
+
+
+@dataclass
+class Opened:
+    streams: list[Stream]
+    firsts: list[dict[str, Any]]
+    replica: str | None  # where it runs (from the first event)
+    predicted: str | None  # where the policy sent it (for load accounting)
+    cost: RequestCost
+    retries: int
+
+
+def _retryable(event: dict[str, Any]) -> bool:
+    return "error" in event and int(event["error"].get("status", 500)) >= 500
+
+
+async def _first_event(stream: Stream) -> dict[str, Any]:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return {"error": {"status": 503, "message": "engine replica closed the stream", "param": None}}
+    except Exception as exc:  # the replica died or is unreachable
+        return {"error": {"status": 503, "message": f"engine replica failed: {exc!r}"[:500], "param": None}}
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        spec: ModelSpec,
+        engine: EngineClient,
+        channel: StateChannel | None,
+        image_cfg: ImageProcessingConfig,
+    ) -> None:
+        self.cfg = cfg
+        self.routing = cfg.router.routing
+        self.engine = engine
+        self.channel = channel
+        self.view = ClusterView(self.routing)
+        self.policy = make_policy(self.routing, cfg.engine.block_size, cfg.kvtier.block_size)
+        self.costs = CostModel(spec, cfg.engine.block_size, cfg.kvtier.block_size)
+        self.hash_image = ImageHasher(image_cfg)
+        self.metrics = RouterMetrics(self.policy.name)
+        self._poller: asyncio.Task[None] | None = None
+        self._first_poll = asyncio.Event()
+
+    # ---- replica state ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start polling the hub (once, on the serving loop) and wait briefly for a first view."""
+        if self.channel is None:
+            return
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll_loop())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_poll.wait(), timeout=1.0)
+
+    async def _poll_loop(self) -> None:
+        assert self.channel is not None
+        failures = 0
+        while True:
+            try:
+                update = await self.channel.poll(self.view.epoch, self.view.cursor)
+                self.view.apply(update)
+                self._first_poll.set()
+                self.metrics.queues({e.replica: e.queued() for e in self.view.replicas.values()})
+                failures = 0
+            except Exception as exc:  # the hub restarting must not stop routing
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    logger.warning("replica state poll failed (%d in a row): %r", failures, exc)
+            await asyncio.sleep(self.routing.state_interval_s)
+
+    def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+    # ---- pricing and choice ---------------------------------------------------------------------
+    def price(self, prompt: list[int], images: list[bytes], session: str | None) -> RequestCost:
+        hashes = [self.hash_image(data) for data in images]
+        return self.costs.cost(prompt, hashes, session, with_tier=self.cfg.kvtier.enabled)
+
+    def choose(self, cost: RequestCost) -> Decision:
+        if not self.view.replicas:  # no state yet (just started, or no hub): Serve's own choice
+            return Decision([], "no_state", 0)
+        decision = self.policy.choose(self.view, cost)
+        if decision is None:
+            self.metrics.rejection("all_replicas_full")
+            raise APIError(
+                429,
+                f"every engine replica has {self.routing.max_queue_per_replica} requests waiting "
+                "(router.routing.max_queue_per_replica); retry later",
+                None,
+                "overloaded",
+                {"retry-after": str(self.routing.retry_after_s)},
+            )
+        return decision
+
+    # ---- delivery ---------------------------------------------------------------------------------
+    async def open(self, items: list[EngineWorkItem], cost: RequestCost) -> Opened:
+        retries = 0
+        while True:
+            decision = self.choose(cost)
+            predicted = decision.ranked[0] if decision.ranked else None
+            uncached = max(0.0, cost.work - decision.predicted_hit_tokens) * len(items)
+            image_work = cost.image_tokens + cost.vision_work
+            if predicted is not None:
+                self.view.on_sent(predicted, uncached, image_work)
+            routed = [item.model_copy(update={"route": decision.ranked}).model_dump() for item in items]
+            streams = [self.engine.stream(item) for item in routed]
+            try:
+                firsts = list(await asyncio.gather(*(_first_event(s) for s in streams)))
+            except BaseException:  # deadline or client gone: abort what was sent
+                for s in streams:
+                    with contextlib.suppress(Exception):
+                        await s.aclose()
+                if predicted is not None:
+                    self.view.on_started(predicted, uncached)
+                    self.view.on_finished(predicted, image_work)
+                raise
+            replica = next((str(f["replica"]) for f in firsts if f.get("replica")), None)
+            if predicted is not None:
+                self.view.on_started(predicted, uncached)
+            failed = next((f for f in firsts if _retryable(f)), None)
+            if failed is None or retries >= self.routing.max_retries:
+                if failed is None:
+                    self.metrics.decision(
+                        decision.reason,
+                        replica or "?",
+                        decision.predicted_hit_tokens,
+                        cost.prompt_tokens,
+                        cost.image_tokens,
+                    )
+                return Opened(streams, firsts, replica, predicted, cost, retries)
+            for s in streams:
+                await s.aclose()
+            if predicted is not None:
+                self.view.on_finished(predicted, image_work)
+            bad = replica or predicted
+            if bad is not None:
+                self.view.mark_failed(bad)
+            logger.warning("replica %s failed before the first token (%s); retrying", bad, failed["error"])
+            retries += 1
+            self.metrics.retry()
+
+    def finished(self, opened: Opened, usage: dict[str, Any] | None) -> None:
+        if opened.predicted is not None:
+            self.view.on_finished(opened.predicted, opened.cost.image_tokens + opened.cost.vision_work)
+        if usage:
+            self.metrics.actual_hit(int(usage.get("cached_tokens", 0)))

@@ -1,0 +1,139 @@
+"""Engine-replica side of the replica state: a thread that reports load and cache events.
+
+Contract of `StateChannel`: `publish(report)` delivers one report to the hub and returns its
+answer (`epoch`, `need_reset`); `poll(epoch, cursor)` returns the hub's view for a router. Both
+raise on a transport failure; callers retry on their next tick (state is soft: a lost report is
+replaced by the next one, a lost event stream by a snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from typing import Any
+
+from maverick_serve.engine.native import NativeEngine
+from maverick_serve.router.cost import block_key
+from maverick_serve.router.hub import ReplicaStateHub
+
+logger = logging.getLogger(__name__)
+
+
+class StateChannel(ABC):
+    @abstractmethod
+    def publish(self, report: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    async def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]: ...
+
+
+class LocalStateChannel(StateChannel):
+    """An in-process hub (tests, benchmarks)."""
+
+    def __init__(self, hub: ReplicaStateHub) -> None:
+        self.hub = hub
+        self.lock = threading.Lock()  # publishers run on their own threads
+
+    def publish(self, report: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            return self.hub.publish(report)
+
+    async def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]:
+        with self.lock:
+            return self.hub.poll(epoch, cursor)
+
+
+class HandleStateChannel(StateChannel):
+    """The hub as a Serve deployment."""
+
+    def __init__(self, handle: Any, timeout_s: float = 2.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def publish(self, report: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.handle.publish.remote(report).result(timeout_s=self.timeout_s)
+        return result
+
+    async def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self.handle.poll.remote(epoch, cursor)
+        return result
+
+
+class StatePublisher:
+    def __init__(self, replica: str, engine: NativeEngine, channel: StateChannel, interval_s: float) -> None:
+        self.replica = replica
+        self.engine = engine
+        self.channel = channel
+        self.interval_s = interval_s
+        self.events = engine.kv.enable_cache_events()
+        self.tier_events: deque[bytes] | None = None
+        self.tier_shared = True
+        if engine.kv_connector is not None:
+            self.tier_events = engine.kv_connector.tier_events = deque(maxlen=1_000_000)
+            self.tier_shared = engine.kv_connector.shared
+        self.need_reset = True
+        self.hub_epoch: str | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="state-publisher", daemon=True)
+
+    def start(self) -> StatePublisher:
+        self.thread.start()
+        return self
+
+    def report(self) -> dict[str, Any]:
+        stored: dict[int, None] = {}
+        evicted: dict[int, None] = {}
+        events = self.events
+        for _ in range(len(events)):
+            is_stored, h = events.popleft()
+            key = block_key(h)
+            if is_stored:
+                evicted.pop(key, None)
+                stored[key] = None
+            else:
+                stored.pop(key, None)
+                evicted[key] = None
+        tier: list[int] = []
+        if self.tier_events is not None:
+            tier = [block_key(self.tier_events.popleft()) for _ in range(len(self.tier_events))]
+        reset = self.need_reset
+        if reset:  # the full prefix cache instead of the events
+            pool_keys = list(self.engine.kv.pools["global"].cached)
+            stored = dict.fromkeys(block_key(h) for h in pool_keys)
+            evicted = {}
+        return {
+            "replica": self.replica,
+            "reset": reset,
+            "load": self.engine.load_report(),
+            "stored": list(stored),
+            "evicted": list(evicted),
+            "tier_stored": tier,
+            "tier_shared": self.tier_shared,
+        }
+
+    def publish_once(self) -> None:
+        report = self.report()
+        answer = self.channel.publish(report)
+        if report["reset"]:
+            self.need_reset = False
+        epoch = answer.get("epoch")
+        if answer.get("need_reset") or (self.hub_epoch is not None and epoch != self.hub_epoch):
+            self.need_reset = True  # the hub restarted or missed us: send a snapshot next
+        self.hub_epoch = epoch
+
+    def _run(self) -> None:
+        failures = 0
+        while not self.stop.wait(self.interval_s):
+            try:
+                self.publish_once()
+                failures = 0
+            except Exception as exc:  # the hub restarting must not stop the engine
+                self.need_reset = True
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    logger.warning("replica state publish failed (%d in a row): %r", failures, exc)
+
+    def close(self) -> None:
+        self.stop.set()

@@ -1,0 +1,231 @@
+"""Router pieces without engines: block index, hub, cluster view, policies, cost, API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from maverick_serve.config import preset
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.routing import AuthConfig, RoutingConfig
+from maverick_serve.engine.kv_cache import chain_block_hashes
+from maverick_serve.router.auth import ApiKeyAuth, hash_key
+from maverick_serve.router.cost import CostModel, RequestCost, block_key
+from maverick_serve.router.hub import ReplicaStateHub
+from maverick_serve.router.policy import make_policy
+from maverick_serve.router.state import BlockIndex, ClusterView
+from maverick_serve.serving.errors import APIError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_block_index_prefix_lengths_per_replica() -> None:
+    index = BlockIndex(capacity=100)
+    index.add([1, 2, 3, 4], 0b01)
+    index.add([1, 2], 0b10)
+    index.add([9], 0b100)
+    assert index.prefix_blocks([1, 2, 3, 4, 5], 0b111) == {0b01: 4, 0b10: 2, 0b100: 0}
+    index.remove([2], 0b01)  # evicted on replica 0: its prefix now stops at block 1
+    assert index.prefix_blocks([1, 2, 3], 0b011) == {0b01: 1, 0b10: 2}
+    index.add(range(1000, 1200), 0b1)
+    assert len(index) == 100 and 1 not in index.masks  # bounded, oldest first
+
+
+def _report(
+    replica: str, stored: list[int] = (), evicted: list[int] = (), reset: bool = False, **load: int
+) -> dict:  # type: ignore[assignment]
+    return {
+        "replica": replica,
+        "reset": reset,
+        "load": {"waiting": 0, "running": 0, "queued_prefill_tokens": 0, **load},
+        "stored": stored or [],
+        "evicted": evicted or [],
+        "tier_stored": [],
+        "tier_shared": True,
+    }
+
+
+def test_hub_cursor_snapshot_restart_and_expiry() -> None:
+    clock = Clock()
+    hub = ReplicaStateHub(max_log=3, expiry_s=5.0, clock=clock)
+    assert hub.publish(_report("a", [1, 2]))["need_reset"]  # unknown replica: send a snapshot
+    hub.publish(_report("a", [1, 2], reset=True))
+    hub.publish(_report("b", [7], reset=True, waiting=3))
+    view = ClusterView(RoutingConfig(), clock=clock)
+    view.apply(hub.poll(None, 0))  # new router: snapshot
+    assert view.local.prefix_blocks([1, 2], 0b11) == {view.replicas["a"].bit: 2, view.replicas["b"].bit: 0}
+    assert view.replicas["b"].load.waiting == 3
+    hub.publish(_report("a", [3], evicted=[1]))
+    update = hub.poll(view.epoch, view.cursor)
+    assert not update["snapshot"] and [e["stored"] for e in update["events"]] == [[3]]
+    view.apply(update)
+    assert view.local.prefix_blocks([1], view.replicas["a"].bit) == {view.replicas["a"].bit: 0}
+    for i in range(5):  # the log holds 3 entries: a lagging router gets a snapshot
+        hub.publish(_report("b", [100 + i]))
+    assert hub.poll(view.epoch, view.cursor)["snapshot"]
+    assert hub.poll("another-epoch", hub.seq)["snapshot"]  # a restarted hub is noticed
+    clock.t += 6  # nobody reported: both expire, and routers forget them
+    view.apply(hub.poll(view.epoch, hub.seq))
+    assert view.replicas == {} and view.alive() == []
+
+
+def _view(clock: Clock, loads: dict[str, dict[str, int]], cached: dict[str, list[int]]) -> ClusterView:
+    hub = ReplicaStateHub(clock=clock)
+    for name, load in loads.items():
+        hub.publish(_report(name, cached.get(name, []), reset=True, **load))
+    view = ClusterView(RoutingConfig(max_queue_per_replica=4), clock=clock)
+    view.apply(hub.poll(None, 0))
+    return view
+
+
+def test_policies_rank_by_their_scorers() -> None:
+    clock = Clock()
+    loads = {"a": {"waiting": 3, "queued_prefill_tokens": 3000}, "b": {}, "c": {"waiting": 4}}
+    view = _view(clock, loads, {"a": [10, 11, 12, 13]})
+    cost = RequestCost(prompt_tokens=80, block_keys=[10, 11, 12, 13, 14])
+    cache = make_policy(RoutingConfig(policy="cache_aware"), engine_block=16, tier_block=256)
+    decision = cache.choose(view, cost)
+    assert decision is not None and decision.ranked[0] == "a" and decision.reason == "prefix"
+    assert decision.predicted_hit_tokens == 64 and "c" not in decision.ranked  # c's queue is full
+    least = make_policy(RoutingConfig(policy="least_load"), 16, 256).choose(view, cost)
+    assert least is not None and least.ranked == ["b", "a"]
+    rr = make_policy(RoutingConfig(policy="round_robin"), 16, 256)
+    firsts = [d.ranked[0] for d in (rr.choose(view, cost), rr.choose(view, cost)) if d]
+    assert sorted(firsts) == ["a", "b"]
+    view.replicas["a"].load.waiting = 4
+    view.replicas["b"].load.waiting = 4
+    assert cache.choose(view, cost) is None  # every live replica full → the router answers 429
+
+
+def test_session_stickiness_and_image_spreading() -> None:
+    clock = Clock()
+    view = _view(clock, {"a": {}, "b": {}}, {})
+    policy = make_policy(RoutingConfig(policy="multimodal_cache_aware"), 16, 256)
+    first = policy.choose(view, RequestCost(prompt_tokens=40, session="user-1"))
+    assert first is not None
+    again = policy.choose(view, RequestCost(prompt_tokens=40, session="user-1"))
+    assert again is not None and again.ranked[0] == first.ranked[0] and again.reason == "session"
+    images = RequestCost(prompt_tokens=1200, image_tokens=1100, image_tiles=7, vision_work=200)
+    picks = []
+    for _ in range(6):
+        d = policy.choose(view, images)
+        assert d is not None
+        picks.append(d.ranked[0])
+        view.on_sent(d.ranked[0], images.work, images.image_tokens + images.vision_work)
+    assert picks.count("a") == picks.count("b") == 3
+
+
+def test_unknown_policy_is_refused_when_the_config_is_built() -> None:
+    with pytest.raises(ValidationError, match=r"router\.routing\.policy"):
+        ClusterConfig.model_validate({"router": {"routing": {"policy": "fastest"}}})
+
+
+def test_router_block_keys_equal_the_engines_including_images() -> None:
+    spec = preset("tiny")
+    costs = CostModel(spec, engine_block_size=16, tier_block_size=64)
+    patch, boi, eoi = spec.image_token_index, spec.boi_token_index, spec.eoi_token_index
+    prompt = [5] * 20 + [boi] + [patch] * 30 + [7, patch, patch] + [eoi] + [9] * 40
+    cost = costs.cost(prompt, ["img-hash"], session=None)
+    first, last = 21, 21 + 30 + 3  # the engine's span: first to last patch of the image
+    engine = chain_block_hashes(prompt, 16, [], [(first, last, "img-hash")])
+    assert cost.block_keys == [block_key(h) for h in engine]
+    assert cost.image_tokens == last - first and cost.vision_work > 0
+    other = costs.cost(prompt, ["another-image"], session=None)
+    assert other.block_keys[0] == cost.block_keys[0] and other.block_keys[2] != cost.block_keys[2]
+
+
+def test_api_keys_hashed_from_config_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "keys.json").write_text(json.dumps([{"name": "file", "sha256": hash_key("k-file")}]))
+    monkeypatch.setenv("MV_KEYS", json.dumps([{"name": "env", "sha256": hash_key("k-env")}]))
+    cfg = AuthConfig(
+        enabled=True,
+        keys=[{"name": "inline", "sha256": hash_key("k-inline"), "requests_per_min": 2}],  # type: ignore[list-item]
+        keys_file=tmp_path / "keys.json",
+        keys_env="MV_KEYS",
+    )
+    clock = Clock()
+    auth = ApiKeyAuth(cfg, clock=clock)
+    assert {auth.authenticate(f"Bearer {k}").name for k in ("k-file", "k-env", "k-inline")} == {  # type: ignore[union-attr]
+        "file",
+        "env",
+        "inline",
+    }
+    for header, code in (
+        (None, "missing_api_key"),
+        ("Bearer nope", "invalid_api_key"),
+        ("Basic x", "missing_api_key"),
+    ):
+        with pytest.raises(APIError) as info:
+            auth.authenticate(header)
+        assert info.value.status == 401 and info.value.code == code
+    state = auth.authenticate("Bearer k-inline")
+    auth.admit(state, 10)
+    auth.admit(state, 10)
+    with pytest.raises(APIError) as info:
+        auth.admit(state, 10)  # third request within the minute
+    assert info.value.status == 429 and info.value.headers["retry-after"] == "30"
+    clock.t += 30
+    auth.admit(state, 10)
+    with pytest.raises(APIError, match="allows 2000000 tokens per minute"):
+        auth.admit(auth.authenticate("Bearer k-env"), 3_000_000)
+    with pytest.raises(ValueError, match=r"auth\.keys_env names 'NOPE'"):
+        ApiKeyAuth(AuthConfig(enabled=True, keys_env="NOPE"))
+    with pytest.raises(ValueError, match="no keys are configured"):
+        ApiKeyAuth(AuthConfig(enabled=True))
+
+
+def test_router_answers_401_and_429_over_http(tiny_model: Path) -> None:
+    from maverick_serve.serving.engine_client import LocalEngineClient
+    from maverick_serve.serving.engine_server import EngineServer
+    from maverick_serve.serving.router_server import RouterServer
+
+    cfg = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(tiny_model), "served_model_name": "m"},
+            "engine": {"kv_cache_memory_gib": 0.05},
+            "router": {
+                "auth": {
+                    "enabled": True,
+                    "keys": [{"name": "team-a", "sha256": hash_key("secret-a"), "tokens_per_min": 100}],
+                }
+            },
+        }
+    ).model_dump(mode="json")
+    server = EngineServer(cfg)
+    router = RouterServer(cfg, LocalEngineClient(server))
+
+    async def calls() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=router.build_api())
+        async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+            body: dict[str, Any] = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}
+            out = [await client.post("/v1/completions", json=body)]
+            out.append(
+                await client.post("/v1/completions", json=body, headers={"authorization": "Bearer bad"})
+            )
+            ok = {"authorization": "Bearer secret-a"}
+            out.append(await client.post("/v1/completions", json=body, headers=ok))
+            out.append(await client.post("/v1/completions", json=body | {"max_tokens": 200}, headers=ok))
+            out.append(await client.get("/health"))  # liveness needs no key
+            return out
+
+    try:
+        missing, wrong, ok, over, health = asyncio.new_event_loop().run_until_complete(calls())
+    finally:
+        server.runner.shutdown()
+    assert missing.status_code == 401 and missing.json()["error"]["param"] == "authorization"
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert ok.status_code == 200
+    assert over.status_code == 429 and "allows 100 tokens per minute" in over.json()["error"]["message"]
+    assert health.status_code == 200
