@@ -107,3 +107,16 @@ def test_mooncake_bulk_transport_reuse_across_replicas(tiny_model: Path, redis_s
     assert redis_server.client().get(next(iter(redis_server.client().keys("mvkv:*")))) == b"1"  # marker
     b = NativeEngine.from_pretrained(tiny_model, engine_cfg, kvtier=tier)
     assert run(b) == cold and b.stats().kvtier["hit_tokens"] == 224
+
+
+def test_bench_throughput_lines_compare_with_redis_benchmark(redis_server: Any) -> None:
+    from maverick_serve.bench.kvtier_bench import throughput_lines
+    from maverick_serve.config import preset
+
+    lines = throughput_lines(
+        redis_server.url, redis_server.port, preset("tiny"), 32, 16, torch.bfloat16, "(x)"
+    )
+    # 2 layers × (K, V) × 32 tokens × 2 KV heads × 64 × 2 bytes + a 61-byte header
+    assert lines[0].startswith("(x) block values of 32,829 B (32 tokens × 2 global layers, bfloat16)")
+    assert "vs redis-benchmark SET" in lines[1] and "vs redis-benchmark GET" in lines[2]
+    assert "wire alone" in lines[3]

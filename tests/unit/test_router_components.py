@@ -229,3 +229,10 @@ def test_router_answers_401_and_429_over_http(tiny_model: Path) -> None:
     assert ok.status_code == 200
     assert over.status_code == 429 and "allows 100 tokens per minute" in over.json()["error"]["message"]
     assert health.status_code == 200
+
+
+def test_bench_router_decision_latency_indexes_every_block() -> None:
+    from maverick_serve.bench.router_bench import decision_latency
+
+    p50, p99, keys = decision_latency(replicas=8, blocks_per_replica=2000, trials=200)
+    assert keys == 16_000 and 0 < p50 <= p99
