@@ -114,7 +114,7 @@ def test_bench_throughput_lines_compare_with_redis_benchmark(redis_server: Any) 
     from maverick_serve.config import preset
 
     lines = throughput_lines(
-        redis_server.url, redis_server.port, preset("tiny"), 32, 16, torch.bfloat16, "(x)"
+        redis_server.url, redis_server.port, preset("tiny"), 32, 512, torch.bfloat16, "(x)"
     )
     # 2 layers × (K, V) × 32 tokens × 2 KV heads × 64 × 2 bytes + a 61-byte header
     assert lines[0].startswith("(x) block values of 32,829 B (32 tokens × 2 global layers, bfloat16)")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import re
@@ -150,9 +151,10 @@ def redis_benchmark(
     ).stdout
     rates = {}
     for line in out.splitlines():
-        m = re.match(r'"(SET|GET)","([0-9.]+)"', line)
-        if m:
-            rates[m.group(1)] = float(m.group(2)) * value_bytes / 1e9
+        m = re.match(r'"(SET|GET)","([0-9.]+|inf)"', line)
+        if m:  # "inf": the run was too short for its timer (raise --blocks)
+            rate = float(m.group(2))
+            rates[m.group(1)] = rate * value_bytes / 1e9 if math.isfinite(rate) else float("nan")
     return (rates.get("SET", float("nan")), rates.get("GET", float("nan"))) if rates else None
 
 
