@@ -63,6 +63,7 @@ class Opened:
     predicted: str | None  # where the policy sent it (for load accounting)
     cost: RequestCost
     retries: int
+    settled: bool = False  # load accounting and hit metrics done
 
 
 def _retryable(event: dict[str, Any]) -> bool:
@@ -198,6 +199,10 @@ class Dispatcher:
             self.metrics.retry()
 
     def finished(self, opened: Opened, usage: dict[str, Any] | None) -> None:
+        """Settle a request once (idempotent): image work off its replica, cache hits counted."""
+        if opened.settled:
+            return
+        opened.settled = True
         if opened.predicted is not None:
             self.view.on_finished(opened.predicted, opened.cost.image_tokens + opened.cost.vision_work)
         if usage:

@@ -50,10 +50,8 @@ class ReplicaStateHub:
         reset = bool(report.get("reset"))
         if state is None and not reset:
             return {"epoch": self.epoch, "need_reset": True}  # missed its snapshot: ask again
-        if state is None or reset:
+        if state is None or reset:  # a snapshot replaces whatever the hub knew
             state = self.replicas[name] = _Replica({}, 0.0, True)
-            state.stored.clear()
-            state.tier_stored.clear()
         state.load = {k: int(v) for k, v in report.get("load", {}).items()}
         state.seen = self.clock()
         state.tier_shared = bool(report.get("tier_shared", True))

@@ -15,10 +15,14 @@ from collections import deque
 from typing import Any
 
 from maverick_serve.engine.native import NativeEngine
+from maverick_serve.model.attention import GLOBAL_GROUP
 from maverick_serve.router.cost import block_key
 from maverick_serve.router.hub import ReplicaStateHub
 
 logger = logging.getLogger(__name__)
+# Drained every state interval; bounded so a stalled publisher costs at most ~20 MB. Events lost
+# to the bound only make the router's view drift until the next snapshot (hub restart).
+EVENTS_MAXLEN = 200_000
 
 
 class StateChannel(ABC):
@@ -67,11 +71,11 @@ class StatePublisher:
         self.engine = engine
         self.channel = channel
         self.interval_s = interval_s
-        self.events = engine.kv.enable_cache_events()
+        self.events = engine.kv.enable_cache_events(EVENTS_MAXLEN)
         self.tier_events: deque[bytes] | None = None
         self.tier_shared = True
         if engine.kv_connector is not None:
-            self.tier_events = engine.kv_connector.tier_events = deque(maxlen=1_000_000)
+            self.tier_events = engine.kv_connector.tier_events = deque(maxlen=EVENTS_MAXLEN)
             self.tier_shared = engine.kv_connector.shared
         self.need_reset = True
         self.hub_epoch: str | None = None
@@ -100,7 +104,7 @@ class StatePublisher:
             tier = [block_key(self.tier_events.popleft()) for _ in range(len(self.tier_events))]
         reset = self.need_reset
         if reset:  # the full prefix cache instead of the events
-            pool_keys = list(self.engine.kv.pools["global"].cached)
+            pool_keys = list(self.engine.kv.pools[GLOBAL_GROUP].cached)
             stored = dict.fromkeys(block_key(h) for h in pool_keys)
             evicted = {}
         return {

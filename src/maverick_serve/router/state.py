@@ -115,7 +115,7 @@ class ClusterView:
         self.local = BlockIndex(cfg.index_capacity_blocks)  # replicas' prefix caches
         self.tier = BlockIndex(cfg.index_capacity_blocks)  # replica-own tiers (embedded store)
         self.shared_tier = BlockIndex(cfg.index_capacity_blocks)  # one shared tier (Redis), bit 1
-        self.epoch: str | None = None
+        self.epoch: str | None = None  # the hub's; a new one means the hub restarted
         self.cursor = 0
         self.last_poll = 0.0
 
@@ -129,6 +129,7 @@ class ClusterView:
         return entry
 
     def _forget(self, replica: str) -> None:
+        """A replica is gone: O(index size), so only on departures, never per poll."""
         entry = self.replicas.pop(replica)
         self.local.clear_slot(entry.bit)
         self.tier.clear_slot(entry.bit)
@@ -137,15 +138,15 @@ class ClusterView:
         """Fold in one `ReplicaStateHub.poll` answer."""
         now = self.clock()
         self.last_poll = now
-        if update["epoch"] != self.epoch or update.get("snapshot"):
-            for replica in list(self.replicas):
-                self._forget(replica)
-            self.shared_tier.masks.clear()
+        snapshot = update["epoch"] != self.epoch or bool(update.get("snapshot"))
+        if snapshot:  # rebuild the indexes wholesale (clearing slot by slot is O(replicas × blocks))
+            capacity = self.cfg.index_capacity_blocks
+            self.local, self.tier, self.shared_tier = (BlockIndex(capacity) for _ in range(3))
             self.epoch = update["epoch"]
         self.cursor = update["cursor"]
         for event in update["events"]:
             entry = self._entry(event["replica"])
-            if event.get("reset"):
+            if event.get("reset") and not snapshot:  # one replica restarted: drop what it had
                 self.local.clear_slot(entry.bit)
                 self.tier.clear_slot(entry.bit)
             entry.tier_shared = bool(event.get("tier_shared", True))

@@ -28,5 +28,6 @@ class RankedRequestRouter(RequestRouter):
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranks = [[by_id[name]] for name in route if name in by_id]
-        rest = [r for r in candidate_replicas if r.replica_id.unique_id not in set(route)]
+        ranked = set(route)
+        rest = [r for r in candidate_replicas if r.replica_id.unique_id not in ranked]
         return [*ranks, rest] if rest else ranks

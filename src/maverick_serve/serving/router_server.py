@@ -241,7 +241,6 @@ class RouterServer:
 
         choices = list(await asyncio.gather(*(drain(i) for i in range(len(opened.streams)))))
         self.dispatcher.finished(opened, usage(choices)["prompt_tokens_details"])
-        opened.predicted = None  # settled: `_close` must not count it twice
         body = [
             self.format.choice_body(kind, c.index, "".join(c.text), c.logprobs, c.finish_reason)
             for c in choices
