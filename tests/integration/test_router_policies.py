@@ -197,3 +197,34 @@ def test_dead_replica_before_first_token_is_retried_and_no_stream_hangs(tiny_mod
                 r["tokens"] >= 1 and r["error"]["code"] is None and "mid-generation" in r["error"]["message"]
             )
     assert sum(r["error"] is None for r in results) >= 5
+
+
+def test_deadline_answers_504_and_aborts_the_engine_request(tiny_model: Path) -> None:
+    async def scenario() -> tuple[Any, list[str], list[dict[str, int]]]:
+        config = _config(tiny_model, "least_load")
+        config["router"]["request_timeout_s"] = 0.5
+        cluster = InProcessCluster(config, replicas=2)
+        try:
+            await cluster.wait_for_state()
+            body = {"model": MODEL, "prompt": [5] * 32, "max_tokens": 3000, "ignore_eos": True}
+            start = time.perf_counter()
+            plain = await cluster.client.post("/v1/completions", json=body)
+            plain_s = time.perf_counter() - start
+            lines = []
+            async with cluster.client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line[6:])
+            await asyncio.sleep(0.3)  # aborts reach the engine loop
+            loads = [s.engine.load_report() for s in cluster.servers]
+            return (plain, plain_s), lines, loads
+        finally:
+            await cluster.close()
+
+    (plain, plain_s), lines, loads = _run(scenario())
+    assert plain.status_code == 504 and plain.json()["error"]["code"] == "timeout" and plain_s < 5
+    assert "request_timeout_s=0.5" in plain.json()["error"]["message"]
+    errors = [json.loads(x)["error"] for x in lines if x != "[DONE]" and "error" in json.loads(x)]
+    assert len(errors) == 1 and errors[0]["message"].startswith("request exceeded router.request_timeout_s")
+    assert lines[-1] == "[DONE]"  # the stream ends; the client is not left hanging
+    assert all(load["running"] == 0 and load["waiting"] == 0 for load in loads), loads  # aborted

@@ -165,7 +165,9 @@ class RouterServer:
             await self.dispatcher.start()
             items = self._work_items(rid, prompt, images, sampling, req.n)
             if self.prefill is not None and len(prompt) >= self.config.disaggregation.threshold_tokens:
-                handed = await asyncio.wait_for(self.prefill.prefill(items[0].model_dump()), timeout)
+                handed = await asyncio.wait_for(
+                    self.prefill.prefill(items[0].model_dump()), deadline - loop.time()
+                )
                 if "error" in handed:
                     err = handed["error"]
                     raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
