@@ -162,7 +162,7 @@ def test_dead_replica_before_first_token_is_retried_and_no_stream_hangs(tiny_mod
 
             async def stream(i: int) -> dict[str, Any]:
                 prompt = [(7 * i + j) % 1800 + 10 for j in range(48)]
-                got_tokens, error = 0, None
+                chunks, error = 0, None  # a chunk per engine output: one or more tokens
                 async with cluster.client.stream(
                     "POST",
                     "/v1/completions",
@@ -175,9 +175,9 @@ def test_dead_replica_before_first_token_is_retried_and_no_stream_hangs(tiny_mod
                         event = json.loads(line[6:])
                         if "error" in event:
                             error = event["error"]
-                        elif event["choices"][0]["text"] or event["choices"][0]["finish_reason"]:
-                            got_tokens += 1
-                return {"status": status, "tokens": got_tokens, "error": error}
+                        else:  # its text may be empty (the detokenizer holds partial characters)
+                            chunks += 1
+                return {"status": status, "chunks": chunks, "error": error}
 
             tasks = [asyncio.create_task(stream(i)) for i in range(10)]
             await asyncio.sleep(0.3)  # some requests run, the rest wait in the engines' queues
@@ -193,9 +193,7 @@ def test_dead_replica_before_first_token_is_retried_and_no_stream_hangs(tiny_mod
         if r["status"] != 200:
             pytest.fail(f"a request failed before its first token instead of being retried: {r}")
         if r["error"] is not None:  # only streams that had started may end with an error
-            assert (
-                r["tokens"] >= 1 and r["error"]["code"] is None and "mid-generation" in r["error"]["message"]
-            )
+            assert r["chunks"] >= 1 and "mid-generation" in r["error"]["message"], r
     assert sum(r["error"] is None for r in results) >= 5
 
 

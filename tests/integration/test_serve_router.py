@@ -74,7 +74,7 @@ def test_shared_prefix_follows_the_replica_that_cached_it(cluster: str) -> None:
 def test_killed_replica_requests_before_first_token_are_retried(cluster: str) -> None:
     async def stream(client: httpx.AsyncClient, i: int) -> dict[str, Any]:
         prompt = [(13 * i + j) % 1800 + 10 for j in range(400)]
-        tokens, error = 0, None
+        chunks, error = 0, None
         async with client.stream(
             "POST",
             f"{cluster}/v1/completions",
@@ -86,11 +86,11 @@ def test_killed_replica_requests_before_first_token_are_retried(cluster: str) ->
                     event = json.loads(line[6:])
                     if "error" in event:
                         error = event["error"]
-                    elif event["choices"][0]["text"]:
-                        tokens += 1
+                    else:  # a chunk per engine output; its text may be empty (partial characters)
+                        chunks += 1
             return {
                 "status": r.status_code,
-                "tokens": tokens,
+                "chunks": chunks,
                 "error": error,
                 "retries": retries,
             }
@@ -110,6 +110,6 @@ def test_killed_replica_requests_before_first_token_are_retried(cluster: str) ->
     results = asyncio.run(scenario())
     assert all(r["status"] == 200 for r in results), results  # none failed before its first token
     failed = [r for r in results if r["error"] is not None]
-    assert all(r["tokens"] >= 1 for r in failed), failed  # errors only after tokens were sent
+    assert all(r["chunks"] >= 1 for r in failed), failed  # errors only after tokens were sent
     assert sum(r["retries"] for r in results) >= 1, results  # queued ones moved to the survivor
     assert len(failed) < len(results)
