@@ -1,0 +1,246 @@
+"""`maverick-serve bench ...`: the benchmark subcommands (each prints its figures)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from maverick_serve.cli_common import CLIError, batch_sizes, default_tiny_model, positive
+from maverick_serve.config.engine import EngineConfig
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.engine_bench import bench_native, format_table, text_only_dir
+    from maverick_serve.bench.vllm_cpu import (
+        VLLM_UNAVAILABLE_MESSAGE,
+        VllmBenchError,
+        find_vllm_python,
+        run_vllm_cpu_bench,
+    )
+
+    model = args.model
+    if not (model / "config.json").is_file():
+        raise CLIError(f"--model {model} has no config.json (make one with `maverick-serve make-model`)")
+    config = EngineConfig(
+        device=args.device, dtype=args.dtype, kv_cache_memory_gib=args.kv_gib, num_threads=args.threads
+    )
+    print(
+        f"benchmarking maverick-serve native on {model} "
+        f"(prompt {args.prompt_len}, decode {args.decode_tokens}, batches {args.batch_sizes}) ...",
+        flush=True,
+    )
+    ours = bench_native(model, args.prompt_len, args.decode_tokens, args.batch_sizes, config, args.repeats)
+    theirs = None
+    why = ""
+    python = find_vllm_python(args.vllm_python)
+    text_dir = text_only_dir(model)
+    if args.skip_vllm:
+        why = "skipped (--skip-vllm)"
+    elif python is None:
+        why = VLLM_UNAVAILABLE_MESSAGE
+    elif text_dir is None:
+        why = (
+            f"{model} is multimodal and has no text-only/ twin; vllm-cpu serves Llama4ForCausalLM only "
+            "(make-model --text-only writes one)"
+        )
+    else:
+        print(f"benchmarking vllm-cpu on {text_dir} with {python} ...", flush=True)
+        try:
+            res = run_vllm_cpu_bench(
+                text_dir,
+                args.prompt_len,
+                args.decode_tokens,
+                args.batch_sizes,
+                python,
+                timeout_s=args.vllm_timeout,
+                threads=args.threads,
+                dtype=args.dtype,
+                repeats=args.repeats,
+            )
+            from maverick_serve.bench.engine_bench import EngineFigures
+
+            theirs = EngineFigures(
+                f"vllm-cpu {res.version}",
+                res.prefill_tokens_per_s,
+                res.decode_tokens_per_s,
+                res.peak_rss_mib,
+                [res.notes] if res.notes else [],
+            )
+        except VllmBenchError as exc:
+            why = f"failed: {exc}"
+    print(format_table(ours, theirs, args.batch_sizes, why))
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import httpx
+
+    from maverick_serve.bench.serve_bench import format_report, router_overhead, run_level
+
+    url = args.url.rstrip("/")
+    try:
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        raise CLIError(
+            f"no OpenAI-compatible server at {url} ({exc}); start one with `maverick-serve up`"
+        ) from None
+    model = args.model or models[0]["id"]
+    levels = []
+    for conc in args.concurrency:
+        print(f"load: concurrency {conc}, {args.requests_per_level} requests ...", flush=True)
+        levels.append(
+            asyncio.run(
+                run_level(
+                    url, model, conc, args.requests_per_level, args.image_share, args.max_tokens, seed=conc
+                )
+            )
+        )
+    print("router overhead: HTTP vs engine handle ...", flush=True)
+    overhead = asyncio.run(
+        router_overhead(
+            url, model, args.app, args.ray_address, args.overhead_samples, args.overhead_prompt_tokens
+        )
+    )
+    code = None
+    if args.model_dir is not None:
+        from maverick_serve.bench.serve_bench import router_code_overhead
+
+        print("router code overhead: in-process ASGI vs engine ...", flush=True)
+        code = asyncio.run(
+            router_code_overhead(str(args.model_dir), args.overhead_samples, args.overhead_prompt_tokens)
+        )
+    print(format_report(levels, overhead, code))
+    return 0
+
+
+def cmd_bench_experts(args: argparse.Namespace) -> int:
+    import ray
+
+    from maverick_serve.bench.experts_bench import bench_ep, format_table
+
+    model = args.model or default_tiny_model()
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=args.logical_cpus,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+    cfg = EngineConfig(kv_cache_memory_gib=args.kv_gib, num_threads=args.threads)
+    rows = []
+    for ep in args.ep:
+        for transport in ["local"] if ep == 1 else args.transports:
+            print(f"EP={ep} ({transport}): batch {args.batch}, decode {args.decode_tokens} ...", flush=True)
+            rows.append(
+                bench_ep(
+                    model, ep, args.batch, args.prompt_len, args.decode_tokens, args.repeats, cfg, transport
+                )
+            )
+    print(format_table(rows, args.batch))
+    return 0
+
+
+def cmd_bench_kvtier(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.kvtier_bench import run_bench
+
+    model = args.model or default_tiny_model()
+    print(run_bench(model, args.tier_block, args.ttft_tokens, args.long_tokens, args.blocks, args.budget))
+    return 0
+
+
+def cmd_bench_router(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.router_bench import run_bench
+
+    model = args.model or default_tiny_model()
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    print(run_bench(model, args.requests, args.concurrency, policies))
+    return 0
+
+
+def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
+        dest="bench", required=True
+    )
+    be = bench.add_parser(
+        "engine", help="native engine vs vllm-cpu: prefill, decode at batch sizes, peak RSS"
+    )
+    be.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    be.add_argument("--prompt-len", type=positive, default=128)
+    be.add_argument("--decode-tokens", type=positive, default=32)
+    be.add_argument("--batch-sizes", type=batch_sizes, default=[1, 8, 32])
+    be.add_argument("--repeats", type=positive, default=3)
+    be.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    be.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    be.add_argument("--kv-gib", type=float, default=1.0, help="KV cache memory of our engine")
+    be.add_argument("--threads", type=positive, default=None, help="CPU threads for both engines")
+    be.add_argument("--vllm-python", type=Path, default=None, help="python of the vllm-cpu venv")
+    be.add_argument("--vllm-timeout", type=float, default=900.0)
+    be.add_argument("--skip-vllm", action="store_true")
+    be.set_defaults(func=cmd_bench_engine)
+
+    bs = bench.add_parser("serve", help="load a running cluster: throughput, TTFT/ITL, router overhead")
+    bs.add_argument("--url", default="http://127.0.0.1:8000", help="API base URL")
+    bs.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    bs.add_argument("--concurrency", type=batch_sizes, default=[1, 4, 16], help="comma-separated levels")
+    bs.add_argument("--requests-per-level", type=positive, default=32)
+    bs.add_argument("--image-share", type=float, default=0.25, help="fraction of requests with an image")
+    bs.add_argument("--max-tokens", type=positive, default=32)
+    bs.add_argument("--app", default="maverick", help="Serve application name (for the handle path)")
+    bs.add_argument("--ray-address", default="auto", help="Ray cluster of the app (for the handle path)")
+    bs.add_argument("--overhead-samples", type=positive, default=50)
+    bs.add_argument("--overhead-prompt-tokens", type=positive, default=64)
+    bs.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="the served checkpoint: also split the overhead into router code vs Serve's hop",
+    )
+    bs.set_defaults(func=cmd_bench_serve)
+
+    bx = bench.add_parser("experts", help="EP=1 vs EP=k expert workers: MoE time, decode tok/s, bytes moved")
+    bx.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    bx.add_argument("--ep", type=batch_sizes, default=[1, 2, 4], help="EP degrees; 1 = experts in the engine")
+    bx.add_argument("--batch", type=positive, default=32)
+    bx.add_argument("--prompt-len", type=positive, default=64)
+    bx.add_argument("--decode-tokens", type=positive, default=32)
+    bx.add_argument("--repeats", type=positive, default=3)
+    bx.add_argument("--threads", type=positive, default=None, help="torch threads of the engine")
+    bx.add_argument("--kv-gib", type=float, default=0.5)
+    bx.add_argument(
+        "--transports",
+        type=lambda s: [t for t in s.split(",") if t],
+        default=["actor", "compiled", "gloo"],
+        help="transports to measure for EP > 1: actor (Ray calls), compiled (Ray compiled graph), "
+        "gloo (the all-to-all collective path on CPU)",
+    )
+    bx.add_argument("--logical-cpus", type=positive, default=8, help="logical CPUs of the local Ray")
+    bx.set_defaults(func=cmd_bench_experts)
+
+    bk = bench.add_parser(
+        "kvtier",
+        help="KV tier: store/load GB/s vs redis-benchmark, TTFT hit vs cold, bytes, long prefill and resume",
+    )
+    bk.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    bk.add_argument("--tier-block", type=positive, default=256, help="tokens per tier block")
+    bk.add_argument("--ttft-tokens", type=positive, default=16384)
+    bk.add_argument("--long-tokens", type=int, default=131072, help="long prefill demo (0 skips it)")
+    bk.add_argument("--blocks", type=positive, default=2000, help="blocks for the throughput test")
+    bk.add_argument("--budget", type=positive, default=2048, help="engine tokens per step")
+    bk.set_defaults(func=cmd_bench_kvtier)
+
+    br = bench.add_parser(
+        "router",
+        help="router: decision latency at 8/64 replicas, replayed workload per routing policy",
+    )
+    br.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    br.add_argument("--requests", type=positive, default=48, help="requests in the replayed workload")
+    br.add_argument("--concurrency", type=positive, default=4, help="concurrent clients")
+    br.add_argument(
+        "--policies",
+        default="round_robin,cache_aware,multimodal_cache_aware",
+        help="comma-separated policies to compare",
+    )
+    br.set_defaults(func=cmd_bench_router)

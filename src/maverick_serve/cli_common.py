@@ -1,0 +1,46 @@
+"""Pieces every `maverick-serve` subcommand module shares: argument types, the user-error type,
+and the tiny checkpoint built on first use."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from maverick_serve.config.presets import preset
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--batch-sizes must be comma-separated integers, got {text!r}"
+        ) from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"--batch-sizes must be integers ≥ 1, got {text!r}")
+    return sizes
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+DEFAULT_MODEL_CACHE = Path(".cache/models")
+
+
+def default_tiny_model(seed: int = 0) -> Path:
+    """The tiny checkpoint under the ignored cache folder, built from its seed on first use."""
+    from maverick_serve.model.make_model import make_model
+
+    path = DEFAULT_MODEL_CACHE / f"tiny-seed{seed}"
+    if not (path / "model.safetensors").is_file():
+        print(f"building the tiny Llama 4 checkpoint in {path} (seed {seed}) ...", flush=True)
+        make_model(preset("tiny"), path, seed=seed, text_only_variant=True)
+    return path
