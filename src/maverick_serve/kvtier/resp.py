@@ -1,7 +1,8 @@
 """A minimal blocking RESP2 client for moving large values to and from Redis.
 
-redis-py reads replies through 64 KiB socket reads and buffer copies; for KV blocks of 0.5-20 MB
-that costs 3-5× the wire time. This client writes a pipeline with scatter-gather `sendmsg`
+redis-py reads replies through 64 KiB socket reads and buffer copies; with it our whole store/load
+path reached 0.38× / 0.22× of redis-benchmark on 0.5 MB blocks, while this client alone moves them
+at 0.84× / 0.78× (`bench kvtier`, 2-core box). It writes a pipeline with scatter-gather `sendmsg`
 (values are never joined into one buffer) and reads each bulk reply with `recv_into` straight
 into a buffer of the announced length. It speaks only what the bulk transport needs: AUTH,
 SELECT, PING, SET [EX], GET, DEL. URLs are parsed by redis-py, so `redis://`, `rediss://`
