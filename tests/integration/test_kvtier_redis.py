@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,20 @@ ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 PROMPT = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def _tier(url: str, **kw: Any) -> KVTierConfig:
+REDIS_BULK = {"type": "redis"}
+
+
+def _tier(url: str, bulk: dict[str, Any] | None = None, **kw: Any) -> KVTierConfig:
     # Tier blocks of 32 tokens (two per 64-token attention chunk) so prompts of a few hundred
     # tokens store both layer groups: NoPE blocks everywhere, RoPE blocks of the final chunk.
     return KVTierConfig.model_validate(
         {
-            "store": {"type": "redis", "url": url, "socket_timeout_s": 1.0},
+            "store": {
+                "type": "redis",
+                "url": url,
+                "socket_timeout_s": 1.0,
+                "bulk": bulk or {"type": "redis"},
+            },
             "block_size": 32,
             **kw,
         }
@@ -204,3 +214,29 @@ def test_allkeys_lru_evictions_are_misses(tiny_model: Path, tmp_path: Path, cold
         assert stats["hit_tokens"] < 224 and stats["errors"] == 0  # evicted blocks are misses, not errors
     finally:
         server.stop()
+
+
+@pytest.mark.mooncake
+def test_mooncake_bulk_transport_reuse_across_replicas(
+    tiny_model: Path, redis_server: Any, cold_tokens: list[int]
+) -> None:
+    """Runs where `mooncake-transfer-engine` is installed and a master is reachable:
+    MAVERICK_MOONCAKE_MASTER=host:port, MAVERICK_MOONCAKE_METADATA=http://host:8080/metadata."""
+    if importlib.util.find_spec("mooncake") is None or "MAVERICK_MOONCAKE_MASTER" not in os.environ:
+        pytest.skip("needs mooncake-transfer-engine and MAVERICK_MOONCAKE_MASTER")
+    bulk = {
+        "type": "mooncake",
+        "master_server": os.environ["MAVERICK_MOONCAKE_MASTER"],
+        "metadata_server": os.environ["MAVERICK_MOONCAKE_METADATA"],
+        "local_hostname": os.environ.get("MAVERICK_MOONCAKE_HOST", "127.0.0.1"),
+        "protocol": os.environ.get("MAVERICK_MOONCAKE_PROTOCOL", "rdma"),
+        "global_segment_bytes": 256 << 20,
+        "local_buffer_bytes": 64 << 20,
+    }
+    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, bulk, required=True))
+    assert _generate(a, "a") == cold_tokens
+    r = redis_server.client()
+    assert {r.get(k) for k in r.keys("mvkv:*")} == {b"1"}  # Redis holds markers, Mooncake the bytes
+    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, bulk))
+    assert _generate(b, "b") == cold_tokens
+    assert b.stats().kvtier["hit_tokens"] == 224

@@ -1,20 +1,15 @@
-"""The bulk-bytes transport seam against real servers: Redis (default) and Mooncake (optional)."""
+"""The bulk-bytes transport against a real redis-server (the Mooncake backend's test is in
+test_kvtier_redis.py, beside the engine helpers it shares)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from maverick_serve.config import EngineConfig
-from maverick_serve.config.kvtier import KVTierConfig, MooncakeBulkConfig
-from maverick_serve.engine.native import NativeEngine
-from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.kvtier.redis_store import RedisKVStore
 from maverick_serve.kvtier.store import KVStoreError
 from maverick_serve.kvtier.transport import RedisBulkTransport
@@ -70,43 +65,6 @@ def test_store_over_redis_index_plus_bulk(redis_server: Any) -> None:
     present, values = asyncio.run(scenario())
     assert present == [True, False]  # above max_value_bytes: not stored
     assert values[0] == b"a" * 1000 and values[1] is None
-
-
-@pytest.mark.mooncake
-def test_mooncake_bulk_transport_reuse_across_replicas(tiny_model: Path, redis_server: Any) -> None:
-    """Runs where `mooncake-transfer-engine` is installed and a master is reachable:
-    MAVERICK_MOONCAKE_MASTER=host:port, MAVERICK_MOONCAKE_METADATA=http://host:8080/metadata."""
-    if importlib.util.find_spec("mooncake") is None or "MAVERICK_MOONCAKE_MASTER" not in os.environ:
-        pytest.skip("needs mooncake-transfer-engine and MAVERICK_MOONCAKE_MASTER")
-    bulk = MooncakeBulkConfig(
-        master_server=os.environ["MAVERICK_MOONCAKE_MASTER"],
-        metadata_server=os.environ["MAVERICK_MOONCAKE_METADATA"],
-        local_hostname=os.environ.get("MAVERICK_MOONCAKE_HOST", "127.0.0.1"),
-        protocol=os.environ.get("MAVERICK_MOONCAKE_PROTOCOL", "rdma"),  # type: ignore[arg-type]
-        global_segment_bytes=256 << 20,
-        local_buffer_bytes=64 << 20,
-    )
-    tier = KVTierConfig.model_validate(
-        {"store": {"type": "redis", "url": redis_server.url, "bulk": bulk.model_dump()}, "block_size": 32}
-    )
-    engine_cfg = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
-    prompt = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def run(engine: NativeEngine) -> list[int]:
-        engine.add_request(EngineRequest("r", prompt, SamplingParams(temperature=0, max_tokens=8)))
-        out: list[int] = []
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                out.extend(o.new_token_ids)
-        assert engine.kv_connector is not None
-        engine.kv_connector.client.flush()
-        return out
-
-    a = NativeEngine.from_pretrained(tiny_model, engine_cfg, kvtier=tier)
-    cold = run(a)
-    assert redis_server.client().get(next(iter(redis_server.client().keys("mvkv:*")))) == b"1"  # marker
-    b = NativeEngine.from_pretrained(tiny_model, engine_cfg, kvtier=tier)
-    assert run(b) == cold and b.stats().kvtier["hit_tokens"] == 224
 
 
 def test_bench_throughput_lines_compare_with_redis_benchmark(redis_server: Any) -> None:
