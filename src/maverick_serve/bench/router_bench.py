@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from maverick_serve.bench.serve_bench import pct
 from maverick_serve.config import preset
 from maverick_serve.config.routing import RoutingConfig
 from maverick_serve.router.cost import CostModel, RequestCost
@@ -32,11 +33,6 @@ from maverick_serve.router.policy import make_policy
 from maverick_serve.router.state import ClusterView
 
 MODEL = "llama-4-tiny"
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def decision_latency(replicas: int, blocks_per_replica: int, trials: int = 2000) -> tuple[float, float, int]:
@@ -67,7 +63,7 @@ def decision_latency(replicas: int, blocks_per_replica: int, trials: int = 2000)
         decision = policy.choose(view, cost)
         times.append((time.perf_counter() - start) * 1e6)
         assert decision is not None
-    return _pct(times, 0.5), _pct(times, 0.99), len(view.local)
+    return pct(times, 0.5), pct(times, 0.99), len(view.local)
 
 
 def pricing_latency(tokens: int = 2048, trials: int = 200) -> float:
@@ -175,8 +171,8 @@ async def replay(
         return {
             "req_s": len(bodies) / elapsed,
             "tok_s": (prompt + completion) / elapsed,
-            "ttft_p50": _pct(ttfts, 0.5) * 1000,
-            "ttft_p99": _pct(ttfts, 0.99) * 1000,
+            "ttft_p50": pct(ttfts, 0.5) * 1000,
+            "ttft_p99": pct(ttfts, 0.99) * 1000,
             "hit": cached / max(prompt, 1),
         }
     finally:

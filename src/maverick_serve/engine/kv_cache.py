@@ -136,7 +136,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pools = {g: BlockPool(blocks_per_group[g]) for g in GROUPS}
 
-    def enable_cache_events(self, maxlen: int = 1_000_000) -> deque[tuple[bool, bytes]]:
+    def enable_cache_events(self, maxlen: int) -> deque[tuple[bool, bytes]]:
         """Record global-group blocks stored in and evicted from the prefix cache (the blocks a
         router can match a prompt against), for a publisher thread to drain."""
         pool = self.pools[GLOBAL_GROUP]

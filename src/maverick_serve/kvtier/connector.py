@@ -22,7 +22,7 @@ from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.kv_cache import KVCacheManager, chain_block_hashes, flat_slots
 from maverick_serve.engine.sequence import Sequence
-from maverick_serve.kvtier.client import KVTierClient
+from maverick_serve.kvtier.client import KVTierClient, PendingStore
 from maverick_serve.kvtier.codec import CorruptBlockError, decode_block, encode_block_parts
 from maverick_serve.kvtier.keys import block_key, model_fingerprint
 from maverick_serve.kvtier.store import KVStore, KVStoreError, MemoryKVStore, StoreValue
@@ -208,7 +208,7 @@ class KVTierConnector:
         hashes = self._hashes(seq)
         done_before = min(before, prompt) // self.block_size
         done_now = min(seq.num_computed, prompt) // self.block_size
-        items: list[tuple[str, StoreValue | Callable[[], StoreValue]]] = []
+        items: list[PendingStore] = []
         for index in range(max(done_before, seq.tier_stored), min(done_now, len(hashes))):
             kv = self._gather(seq, GLOBAL_GROUP, index)
             items.append((self._key(GLOBAL_GROUP, hashes[index]), self._encoder(kv, GLOBAL_GROUP, index)))

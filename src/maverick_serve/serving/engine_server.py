@@ -35,8 +35,13 @@ def _replica_name() -> str:
         return f"pid-{os.getpid()}"
 
 
-def error_event(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"status": status, "message": message, "param": param}}
+def error_event(
+    status: int, message: str, param: str | None = None, replica: str | None = None
+) -> dict[str, Any]:
+    event: dict[str, Any] = {"error": {"status": status, "message": message, "param": param}}
+    if replica is not None:  # tells the router which replica answered
+        event["replica"] = replica
+    return event
 
 
 class EngineServer:
@@ -90,11 +95,9 @@ class EngineServer:
                     first = False
                 yield event
         except InvalidRequestError as exc:
-            yield error_event(400, str(exc), exc.field) | {"replica": self.replica}
+            yield error_event(400, str(exc), exc.field, self.replica)
         except EngineDeadError as exc:
-            yield error_event(503, f"engine replica {self.replica} is down: {exc}") | {
-                "replica": self.replica
-            }
+            yield error_event(503, f"engine replica {self.replica} is down: {exc}", None, self.replica)
 
     async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
         """Prefill role: compute the prompt, store its KV in the tier, return once it is stored.
