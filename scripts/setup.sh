@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Create .venv with everything maverick-serve and its tests need. Idempotent.
-# On the CPU dev machines torch 2.13.0 comes from the local CPU wheel pip is configured with;
-# on a GPU host pip takes the CUDA build of the same release.
+# Create .venv with exactly what locks/ pins (hash-checked), plus the project itself (editable).
+# Idempotent: a second run removes whatever the lock does not list and installs nothing new.
+#   MAVERICK_TORCH=cpu|cuda   which main lock (default: cuda where nvidia-smi sees a GPU, else cpu)
+#   PYTHON=python3.11         the interpreter for the venv
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=lib/locks.sh
+source "$(dirname "$0")/lib/locks.sh"
+cd "$REPO_ROOT"
 PYTHON=${PYTHON:-python3}
 # redis-server: the KV tier's Redis store; its integration tests start their own on free ports.
 if ! command -v redis-server >/dev/null 2>&1; then
@@ -14,13 +17,24 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "warning: redis-server is missing and this is not root; run: sudo apt-get install -y redis-server" >&2
   fi
 fi
+flavour="$(main_lock_flavour)"
+lock="$LOCKS_DIR/main-$flavour.txt"
+UV="$(ensure_uv)"
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
+  "$UV" venv -q --python "$PYTHON" .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
-# torchvision/torchaudio CUDA builds break transformers' Llama 4 modules next to the CPU torch.
-.venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+find_links=()
+if [ "$flavour" = cpu ]; then
+  if ! ls "$TORCH_FIND_LINKS"/torch-"$TORCH_VERSION"+cpu-*.whl >/dev/null 2>&1; then
+    echo "setup: no torch-$TORCH_VERSION+cpu wheel in $TORCH_FIND_LINKS; put the wheel whose hash" \
+      "locks/main-cpu.txt lists there (or set TORCH_FIND_LINKS), or use MAVERICK_TORCH=cuda" >&2
+    exit 1
+  fi
+  find_links=(--find-links "$TORCH_FIND_LINKS")
+fi
+echo "installing $(realpath --relative-to=. "$lock") into .venv"
+"$UV" pip sync -q --python .venv/bin/python --require-hashes "${find_links[@]}" "$lock"
+"$UV" pip install -q --python .venv/bin/python --no-deps --no-build-isolation -e .
+"$UV" pip check -q --python .venv/bin/python
 echo "setup done: $(.venv/bin/python -c 'import torch, maverick_serve; print("torch", torch.__version__, "maverick-serve", maverick_serve.__version__)')"
