@@ -99,7 +99,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from maverick_serve.router.auth import hash_key
+    from maverick_serve.routing.auth import hash_key
 
     key = args.key if args.key is not None else sys.stdin.readline().strip()
     if not key:

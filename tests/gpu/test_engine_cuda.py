@@ -11,6 +11,7 @@ from maverick_serve.config import EngineConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, ImageInput, SamplingParams
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP
+from maverick_serve.serving.engine_factory import load_native_engine
 
 pytestmark = pytest.mark.gpu
 
@@ -96,11 +97,11 @@ def test_cuda_kvtier_hit_and_blockwise_attention(tiny_model: Path) -> None:
     tier = KVTierConfig(block_size=32)
     prompts = [_prompt(300, 4)]
     dense = _generate(_engine(tiny_model, "cuda"), prompts, 8)
-    a = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=tier)
+    a = load_native_engine(tiny_model, cfg, kvtier=tier)
     assert _generate(a, prompts, 8) == dense  # block-wise global attention on the GPU
     assert a.kv_connector is not None
     a.kv_connector.client.flush()
-    b = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=tier)
+    b = load_native_engine(tiny_model, cfg, kvtier=tier)
     assert b.kv_connector is not None
     b.kv_connector.client.store = a.kv_connector.client.store
     assert _generate(b, prompts, 8) == dense

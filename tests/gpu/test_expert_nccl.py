@@ -16,6 +16,7 @@ from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.net import free_port
+from maverick_serve.serving.engine_factory import load_native_engine
 
 pytestmark = pytest.mark.gpu
 EP = 2
@@ -52,7 +53,7 @@ def test_nccl_expert_parallel_matches_local(tiny_model: Path) -> None:
 
     try:
         local = generate(NativeEngine.from_pretrained(tiny_model, cfg))
-        remote_engine = NativeEngine.from_pretrained(tiny_model, cfg, experts)
+        remote_engine = load_native_engine(tiny_model, cfg, experts)
         assert generate(remote_engine) == local
         assert remote_engine.expert_tier is not None
         remote_engine.expert_tier.shutdown()

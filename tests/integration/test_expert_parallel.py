@@ -16,6 +16,7 @@ from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.experts.placement import PlacementError
 from maverick_serve.net import free_port
+from maverick_serve.serving.engine_factory import load_native_engine
 
 ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 
@@ -74,7 +75,7 @@ def reference(tiny_model: Path) -> dict[str, list[int]]:
 def test_tokens_identical_across_ep_degrees(
     tiny_model: Path, reference: dict[str, list[int]], ep: int
 ) -> None:
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, _experts(ep))
+    engine = load_native_engine(tiny_model, ENGINE, _experts(ep))
     assert engine.expert_tier is not None
     try:
         assert _generate(engine, _prompts()) == reference
@@ -94,9 +95,7 @@ def test_tokens_identical_across_ep_degrees(
 def test_rebalance_keeps_tokens_and_lowers_imbalance(
     tiny_model: Path, reference: dict[str, list[int]]
 ) -> None:
-    engine = NativeEngine.from_pretrained(
-        tiny_model, ENGINE, _experts(2, rebalance={"redundant_slots_per_worker": 2})
-    )
+    engine = load_native_engine(tiny_model, ENGINE, _experts(2, rebalance={"redundant_slots_per_worker": 2}))
     tier = engine.expert_tier
     assert tier is not None
     try:
@@ -120,7 +119,7 @@ def test_rebalance_keeps_tokens_and_lowers_imbalance(
 
 
 def test_killed_worker_mid_generation_fails_over(tiny_model: Path, reference: dict[str, list[int]]) -> None:
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, _experts(2))
+    engine = load_native_engine(tiny_model, ENGINE, _experts(2))
     tier = engine.expert_tier
     assert tier is not None
 
@@ -138,31 +137,29 @@ def test_killed_worker_mid_generation_fails_over(tiny_model: Path, reference: di
 
 def test_bad_placements_are_refused_at_build(tiny_model: Path) -> None:
     with pytest.raises(PlacementError, match="layer 2, which is not an MoE layer"):
-        NativeEngine.from_pretrained(
+        load_native_engine(
             tiny_model, ENGINE, _experts(2, placement=[{"layer": 2, "expert": 0, "workers": [0]}])
         )
     with pytest.raises(PlacementError, match="names expert 9"):
-        NativeEngine.from_pretrained(
+        load_native_engine(
             tiny_model, ENGINE, _experts(2, placement=[{"layer": 1, "expert": 9, "workers": [0]}])
         )
     with pytest.raises(PlacementError, match=r"names workers \[5\]"):
-        NativeEngine.from_pretrained(
+        load_native_engine(
             tiny_model, ENGINE, _experts(2, placement=[{"layer": 1, "expert": 0, "workers": [5]}])
         )
     with pytest.raises(PlacementError, match="ep_degree=16 exceeds the 8 routed experts"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, _experts(16))
+        load_native_engine(tiny_model, ENGINE, _experts(16))
     with pytest.raises(PlacementError, match=r"× 100.0 CPU = 200 CPU, but the cluster has"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, _experts(2, worker_num_cpus=100))
+        load_native_engine(tiny_model, ENGINE, _experts(2, worker_num_cpus=100))
     with pytest.raises(PlacementError, match="GPU"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, _experts(2, worker_num_gpus=1, worker_device="cuda"))
+        load_native_engine(tiny_model, ENGINE, _experts(2, worker_num_gpus=1, worker_device="cuda"))
 
 
 def test_compiled_graph_transport_same_tokens_and_failover(
     tiny_model: Path, reference: dict[str, list[int]]
 ) -> None:
-    engine = NativeEngine.from_pretrained(
-        tiny_model, ENGINE, _experts(2, transport={"type": "ray", "compiled": True})
-    )
+    engine = load_native_engine(tiny_model, ENGINE, _experts(2, transport={"type": "ray", "compiled": True}))
     tier = engine.expert_tier
     assert tier is not None
 
@@ -183,7 +180,7 @@ def test_collective_transport_all_to_all_over_gloo(tiny_model: Path, reference: 
 
     port = free_port()
     cfg = _experts(2, transport={"type": "nccl", "backend": "gloo", "master_port": port, "timeout_s": 60})
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, cfg)
+    engine = load_native_engine(tiny_model, ENGINE, cfg)
     tier = engine.expert_tier
     assert tier is not None
     try:
@@ -205,7 +202,7 @@ def test_rebalance_between_steps_mid_generation(tiny_model: Path, reference: dic
             "redundant_slots_per_worker": 2,
         },
     )
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, cfg)
+    engine = load_native_engine(tiny_model, ENGINE, cfg)
     tier = engine.expert_tier
     assert tier is not None
     try:

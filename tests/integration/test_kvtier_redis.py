@@ -15,6 +15,7 @@ from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.model.make_model import make_model
+from maverick_serve.serving.engine_factory import load_native_engine
 
 ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 PROMPT = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -55,7 +56,7 @@ def _generate(engine: NativeEngine, rid: str, prompt: list[int] = PROMPT) -> lis
 
 def _plain(model: Path) -> NativeEngine:
     """An engine whose tier is the embedded memory store: nothing shared, so always cold."""
-    return NativeEngine.from_pretrained(model, ENGINE, kvtier=KVTierConfig(block_size=32))
+    return load_native_engine(model, ENGINE, kvtier=KVTierConfig(block_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +67,12 @@ def cold_tokens(tiny_model: Path) -> list[int]:
 def test_replica_b_reuses_kv_written_by_replica_a(
     tiny_model: Path, redis_server: Any, cold_tokens: list[int]
 ) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    a = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     assert _generate(a, "a") == cold_tokens
     stored = a.stats().kvtier
     assert stored["blocks_stored"] == 7 + 1  # 7 NoPE blocks of [0, 224) + the RoPE block [192, 224)
     assert len(redis_server.client().keys("mvkv:*")) == 8
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    b = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     assert _generate(b, "b") == cold_tokens
     stats = b.stats()
     assert stats.kvtier["hit_tokens"] == 224 and stats.kvtier["miss_tokens"] == 250 - 224
@@ -81,14 +82,14 @@ def test_replica_b_reuses_kv_written_by_replica_a(
 def test_bit_flip_is_detected_deleted_and_recomputed(
     tiny_model: Path, redis_server: Any, cold_tokens: list[int]
 ) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    a = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     _generate(a, "a")
     r = redis_server.client()
     key = sorted(k for k in r.keys("mvkv:*") if b":global:" in k)[0]
     value = bytearray(r.get(key))
     value[-100] ^= 0x10
     r.set(key, bytes(value))
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    b = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     assert _generate(b, "b") == cold_tokens
     assert b.stats().kvtier["checksum_failures"] == 1 and b.stats().kvtier["hit_tokens"] == 0
     assert r.get(key) is not None  # b recomputed the prefix and stored a good block again
@@ -100,13 +101,13 @@ def test_bit_flip_is_detected_deleted_and_recomputed(
 def test_foreign_or_truncated_value_is_a_miss(
     tiny_model: Path, redis_server: Any, cold_tokens: list[int]
 ) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    a = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     _generate(a, "a")
     r = redis_server.client()
     keys = sorted(k for k in r.keys("mvkv:*") if b":global:" in k)
     r.set(keys[0], b"not a block")
     r.set(keys[1], r.get(keys[1])[:50])
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    b = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     assert _generate(b, "b") == cold_tokens
     assert b.stats().kvtier["checksum_failures"] >= 1
 
@@ -114,9 +115,9 @@ def test_foreign_or_truncated_value_is_a_miss(
 def test_other_weights_never_reuse_a_block(tiny_model: Path, redis_server: Any, tmp_path: Path) -> None:
     other = tmp_path / "other"
     make_model(preset("tiny"), other, seed=999)
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    a = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     _generate(a, "a")
-    b = NativeEngine.from_pretrained(other, ENGINE, kvtier=_tier(redis_server.url))
+    b = load_native_engine(other, ENGINE, kvtier=_tier(redis_server.url))
     expected = _generate(_plain(other), "x")
     assert _generate(b, "b") == expected
     assert b.stats().kvtier["hit_tokens"] == 0
@@ -127,14 +128,14 @@ def test_other_weights_never_reuse_a_block(tiny_model: Path, redis_server: Any, 
 def test_redis_outage_fails_no_request_and_hits_return(
     tiny_model: Path, redis_server: Any, cold_tokens: list[int]
 ) -> None:
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    engine = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     redis_server.stop()
     assert _generate(engine, "down") == cold_tokens  # served by recomputing
     assert engine.stats().kvtier["errors"] >= 1 and engine.stats().kvtier["hit_tokens"] == 0
     redis_server.start()  # same port, empty
     other = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(5)).tolist()
     _generate(engine, "store", other)  # reconnects on its own and stores
-    fresh = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
+    fresh = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
     _generate(fresh, "hit", other)
     assert fresh.stats().kvtier["hit_tokens"] == 224
 
@@ -142,18 +143,18 @@ def test_redis_outage_fails_no_request_and_hits_return(
 def test_required_tier_refuses_to_start_when_unreachable(tiny_model: Path) -> None:
     cfg = _tier("redis://127.0.0.1:1/0", required=True)
     with pytest.raises(RuntimeError, match=r"kvtier\.required is true but the KV store is unreachable"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=cfg)
+        load_native_engine(tiny_model, ENGINE, kvtier=cfg)
 
 
 def test_wrong_password_and_tls_mismatch(tiny_model: Path, redis_with_password: Any) -> None:
     good = redis_with_password.url
     bad = good.replace("s3cret", "wrong")
     with pytest.raises(RuntimeError, match=r"unreachable: redis PING failed \(redis://127"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(bad, required=True))
+        load_native_engine(tiny_model, ENGINE, kvtier=_tier(bad, required=True))
     tls = good.replace("redis://", "rediss://")
     with pytest.raises(RuntimeError, match="unreachable"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(tls, required=True))
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(good, required=True))
+        load_native_engine(tiny_model, ENGINE, kvtier=_tier(tls, required=True))
+    engine = load_native_engine(tiny_model, ENGINE, kvtier=_tier(good, required=True))
     _generate(engine, "ok")
     assert engine.stats().kvtier["blocks_stored"] == 8 and engine.stats().kvtier["errors"] == 0
 
@@ -161,31 +162,31 @@ def test_wrong_password_and_tls_mismatch(tiny_model: Path, redis_with_password: 
 def test_tls_with_password_end_to_end(tiny_model: Path, redis_with_tls: Any, cold_tokens: list[int]) -> None:
     url = redis_with_tls.url
     assert url.startswith("rediss://:s3cret@")
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(url, required=True))
+    a = load_native_engine(tiny_model, ENGINE, kvtier=_tier(url, required=True))
     assert _generate(a, "a") == cold_tokens and a.stats().kvtier["blocks_stored"] == 8
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(url, required=True))
+    b = load_native_engine(tiny_model, ENGINE, kvtier=_tier(url, required=True))
     assert _generate(b, "b") == cold_tokens
     assert b.stats().kvtier["hit_tokens"] == 224 and b.stats().kvtier["errors"] == 0
     untrusted = url.split("?")[0]  # the self-signed certificate is not in the system CA store
     with pytest.raises(RuntimeError, match=r"unreachable.*(certificate|SSL)"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(untrusted, required=True))
+        load_native_engine(tiny_model, ENGINE, kvtier=_tier(untrusted, required=True))
     plain = url.split("?")[0].replace("rediss://", "redis://")
     with pytest.raises(RuntimeError, match="unreachable"):
-        NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(plain, required=True))
+        load_native_engine(tiny_model, ENGINE, kvtier=_tier(plain, required=True))
 
 
 def test_values_above_the_size_limit_are_not_stored(tiny_model: Path, redis_server: Any) -> None:
     cfg = _tier(redis_server.url)
     cfg.store.max_value_bytes = 1000  # type: ignore[union-attr]
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=cfg)
+    engine = load_native_engine(tiny_model, ENGINE, kvtier=cfg)
     _generate(engine, "big")
     assert redis_server.client().keys("mvkv:*") == []
 
 
 def test_unix_socket_url(tiny_model: Path, redis_server: Any, cold_tokens: list[int]) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.unix_url, required=True))
+    a = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.unix_url, required=True))
     assert _generate(a, "a") == cold_tokens
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.unix_url))
+    b = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.unix_url))
     assert _generate(b, "b") == cold_tokens
     assert b.stats().kvtier["hit_tokens"] == 224
 
@@ -198,7 +199,7 @@ def test_allkeys_lru_evictions_are_misses(tiny_model: Path, tmp_path: Path, cold
     server = RedisProcess(tmp_path, maxmemory="3mb")  # holds a few of the ~130 KB blocks of each prompt
     server.start()
     try:
-        writer = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(server.url))
+        writer = load_native_engine(tiny_model, ENGINE, kvtier=_tier(server.url))
         _generate(writer, "first", PROMPT)  # stored first, so least recently used below
         for seed in range(12):  # far more than fits: Redis evicts least-recently-used blocks
             _generate(
@@ -208,7 +209,7 @@ def test_allkeys_lru_evictions_are_misses(tiny_model: Path, tmp_path: Path, cold
             )
         assert writer.stats().kvtier["errors"] == 0
         assert int(redis.Redis(port=server.port).info("stats")["evicted_keys"]) > 0
-        reader = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(server.url))
+        reader = load_native_engine(tiny_model, ENGINE, kvtier=_tier(server.url))
         assert _generate(reader, "r", PROMPT) == cold_tokens
         stats = reader.stats().kvtier
         assert stats["hit_tokens"] < 224 and stats["errors"] == 0  # evicted blocks are misses, not errors
@@ -233,10 +234,10 @@ def test_mooncake_bulk_transport_reuse_across_replicas(
         "global_segment_bytes": 256 << 20,
         "local_buffer_bytes": 64 << 20,
     }
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, bulk, required=True))
+    a = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url, bulk, required=True))
     assert _generate(a, "a") == cold_tokens
     r = redis_server.client()
     assert {r.get(k) for k in r.keys("mvkv:*")} == {b"1"}  # Redis holds markers, Mooncake the bytes
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=_tier(redis_server.url, bulk))
+    b = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url, bulk))
     assert _generate(b, "b") == cold_tokens
     assert b.stats().kvtier["hit_tokens"] == 224

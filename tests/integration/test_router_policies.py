@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maverick_serve.router.inprocess import InProcessCluster
+from maverick_serve.serving.inprocess import InProcessCluster
 
 MODEL = "llama-4-tiny"
 

@@ -11,6 +11,7 @@ from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.kvtier.store import MemoryKVStore
+from maverick_serve.serving.engine_factory import load_native_engine
 
 ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=256, enable_prefix_caching=False)
 TIER = KVTierConfig(block_size=32)
@@ -39,7 +40,7 @@ def _share(a: NativeEngine, b: NativeEngine) -> None:
 
 
 def test_llama4_aware_layout_stores_a_quarter_of_all_layers(tiny_model: Path) -> None:
-    engine = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=TIER)
+    engine = load_native_engine(tiny_model, ENGINE, kvtier=TIER)
     n = 1000
     _generate(engine, "long", _prompt(n))
     stored = engine.stats().kvtier["bytes_out"]
@@ -51,17 +52,17 @@ def test_llama4_aware_layout_stores_a_quarter_of_all_layers(tiny_model: Path) ->
 
 
 def test_tier_hit_on_a_second_engine_gives_cold_tokens(tiny_model: Path) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=TIER)
+    a = load_native_engine(tiny_model, ENGINE, kvtier=TIER)
     prompt = _prompt(300, 3)
     cold = _generate(a, "a", prompt)
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=TIER)
+    b = load_native_engine(tiny_model, ENGINE, kvtier=TIER)
     _share(a, b)
     assert _generate(b, "b", prompt) == cold
     assert b.stats().kvtier["hit_tokens"] == 288  # 9 tier blocks of 32 (the last token is recomputed)
 
 
 def test_keys_evicted_between_lookup_and_load_are_a_miss(tiny_model: Path) -> None:
-    a = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=TIER)
+    a = load_native_engine(tiny_model, ENGINE, kvtier=TIER)
     prompt = _prompt(300, 4)
     cold = _generate(a, "a", prompt)
 
@@ -70,7 +71,7 @@ def test_keys_evicted_between_lookup_and_load_are_a_miss(tiny_model: Path) -> No
             values = await super().get_many(keys)
             return [None, *values[1:]]  # the first block vanished after EXISTS said yes
 
-    b = NativeEngine.from_pretrained(tiny_model, ENGINE, kvtier=TIER)
+    b = load_native_engine(tiny_model, ENGINE, kvtier=TIER)
     assert a.kv_connector is not None and b.kv_connector is not None
     store = EvictingStore(1 << 30)
     store.data = a.kv_connector.client.store.data  # type: ignore[attr-defined]
@@ -83,8 +84,8 @@ def test_keys_evicted_between_lookup_and_load_are_a_miss(tiny_model: Path) -> No
 def test_interrupted_long_prefill_resumes_from_the_last_stored_block(tiny_model: Path) -> None:
     prompt = _prompt(1000, 7)
     cfg = ENGINE.model_copy(update={"max_num_batched_tokens": 128})
-    uninterrupted = _generate(NativeEngine.from_pretrained(tiny_model, cfg, kvtier=TIER), "u", prompt)
-    dying = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=TIER)
+    uninterrupted = _generate(load_native_engine(tiny_model, cfg, kvtier=TIER), "u", prompt)
+    dying = load_native_engine(tiny_model, cfg, kvtier=TIER)
     dying.add_request(
         EngineRequest("p", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     )
@@ -92,7 +93,7 @@ def test_interrupted_long_prefill_resumes_from_the_last_stored_block(tiny_model:
         dying.step()
     assert dying.kv_connector is not None
     dying.kv_connector.client.flush()
-    retry = NativeEngine.from_pretrained(tiny_model, cfg, kvtier=TIER)
+    retry = load_native_engine(tiny_model, cfg, kvtier=TIER)
     _share(dying, retry)
     assert _generate(retry, "p", prompt) == uninterrupted
     assert retry.stats().kvtier["hit_tokens"] == 512  # resumed at the last stored chunk boundary

@@ -30,7 +30,12 @@ LEFT_OUT_OF_VLLM = {"torchvision", "torchaudio", "torchcodec"}
 CUDA_ONLY = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)(?:\s*;\s*([^\\]+?))?\s*\\?$")
 # The machines the locks are resolved for (scripts/lib/locks.sh): CPython 3.11, x86_64 Linux.
-TARGET = {**default_environment(), "python_version": "3.11", "sys_platform": "linux", "platform_machine": "x86_64"}
+TARGET = {
+    **default_environment(),
+    "python_version": "3.11",
+    "sys_platform": "linux",
+    "platform_machine": "x86_64",
+}
 
 
 def read_lock(name: str) -> dict[str, str]:
@@ -42,7 +47,9 @@ def read_lock(name: str) -> dict[str, str]:
         m = PIN.match(line)
         if not m:
             continue
-        assert line.rstrip().endswith("\\") and "--hash=sha256:" in lines[i + 1], f"{name}: {line} has no hash"
+        assert line.rstrip().endswith("\\") and "--hash=sha256:" in lines[i + 1], (
+            f"{name}: {line} has no hash"
+        )
         if m.group(3) is None or Marker(m.group(3)).evaluate(TARGET):
             pins[canonicalize_name(m.group(1))] = m.group(2)
     assert pins, f"{name} pins nothing"

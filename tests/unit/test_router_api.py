@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.serving.engine_client import LocalEngineClient
 from maverick_serve.serving.engine_server import EngineServer
+from maverick_serve.serving.local_replicas import LocalEngineClient
 from maverick_serve.serving.router_server import RouterServer
 
 MODEL = "llama-4-tiny"

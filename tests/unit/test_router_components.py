@@ -11,16 +11,16 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from maverick_serve.api.errors import APIError
 from maverick_serve.config import preset
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.routing import AuthConfig, RoutingConfig
 from maverick_serve.engine.kv_cache import chain_block_hashes
-from maverick_serve.router.auth import ApiKeyAuth, hash_key
-from maverick_serve.router.cost import CostModel, RequestCost, block_key
-from maverick_serve.router.hub import ReplicaStateHub
-from maverick_serve.router.policy import make_policy
-from maverick_serve.router.state import BlockIndex, ClusterView
-from maverick_serve.serving.errors import APIError
+from maverick_serve.routing.auth import ApiKeyAuth, hash_key
+from maverick_serve.routing.cost import CostModel, RequestCost, block_key
+from maverick_serve.routing.hub import ReplicaStateHub
+from maverick_serve.routing.policy import make_policy
+from maverick_serve.routing.state import BlockIndex, ClusterView
 
 
 class Clock:
@@ -187,8 +187,8 @@ def test_api_keys_hashed_from_config_file_and_env(tmp_path: Path, monkeypatch: p
 
 
 def test_router_answers_401_and_429_over_http(tiny_model: Path) -> None:
-    from maverick_serve.serving.engine_client import LocalEngineClient
     from maverick_serve.serving.engine_server import EngineServer
+    from maverick_serve.serving.local_replicas import LocalEngineClient
     from maverick_serve.serving.router_server import RouterServer
 
     cfg = ClusterConfig.model_validate(

@@ -19,8 +19,10 @@ from maverick_serve.bench.engine_bench import _prompts, _run
 from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
+from maverick_serve.experts.tier import ExpertTier
 from maverick_serve.model.moe import MoEFeedForward
 from maverick_serve.net import free_port
+from maverick_serve.serving.engine_factory import load_native_engine
 
 
 @dataclass
@@ -87,8 +89,9 @@ def bench_ep(
             "max_num_batched_tokens": max(512, batch * prompt_len),
         }
     )
-    engine = NativeEngine.from_pretrained(model_dir, cfg, experts)
+    engine = load_native_engine(model_dir, cfg, experts)
     tier = engine.expert_tier
+    assert tier is None or isinstance(tier, ExpertTier)  # the figures read its transport
     try:
         prompts = _prompts(engine.spec, batch, prompt_len, seed=0)
         _run(engine, prompts, 4, "warmup")

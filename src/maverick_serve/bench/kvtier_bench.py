@@ -39,6 +39,7 @@ from maverick_serve.kvtier.redis_process import RedisProcess
 from maverick_serve.kvtier.redis_store import RedisKVStore
 from maverick_serve.kvtier.store import StoreValue
 from maverick_serve.kvtier.transport import RedisBulkTransport
+from maverick_serve.serving.engine_factory import load_native_engine
 
 
 @contextmanager
@@ -170,7 +171,7 @@ def ttft(engine: NativeEngine, prompt: list[int], rid: str) -> float:
         engine.step()
     elapsed = time.perf_counter() - start
     if engine.kv_connector is not None:
-        engine.kv_connector.client.flush(timeout_s=600)
+        engine.kv_connector.flush(timeout_s=600)
     return elapsed
 
 
@@ -257,9 +258,9 @@ def run_bench(
             enable_prefix_caching=False,
         )
         prompt = _prompt(ttft_tokens, 1)
-        writer = NativeEngine.from_pretrained(model_dir, cfg, kvtier=tier)
+        writer = load_native_engine(model_dir, cfg, kvtier=tier)
         cold = ttft(writer, prompt, "cold")
-        reader = NativeEngine.from_pretrained(model_dir, cfg, kvtier=tier)
+        reader = load_native_engine(model_dir, cfg, kvtier=tier)
         warm = ttft(reader, prompt, "warm")
         lines.append(
             f"(2) TTFT of a {ttft_tokens:,}-token prompt: cold {cold * 1000:,.0f} ms, tier hit on another "
@@ -300,7 +301,7 @@ def run_bench(
             )
             prompt = _prompt(long_tokens, 2)
             rss0 = peak_rss_mib()
-            full_engine = NativeEngine.from_pretrained(model_dir, long_cfg, kvtier=tier)
+            full_engine = load_native_engine(model_dir, long_cfg, kvtier=tier)
             full = ttft(full_engine, prompt, "long")
             rss = peak_rss_mib()
             del full_engine
@@ -310,18 +311,18 @@ def run_bench(
             )
             # Killed half-way: a fresh tier namespace so nothing from the full run is reused.
             half_tier = tier.model_copy(update={"key_prefix": f"half{os.getpid()}"})
-            dying = NativeEngine.from_pretrained(model_dir, long_cfg, kvtier=half_tier)
+            dying = load_native_engine(model_dir, long_cfg, kvtier=half_tier)
             dying.add_request(EngineRequest("h", prompt, SamplingParams(temperature=0, max_tokens=1)))
             start = time.perf_counter()
             seq = dying.seqs["h"]
             while seq.num_computed < long_tokens // 2:
                 dying.step()
             assert dying.kv_connector is not None
-            dying.kv_connector.client.flush(timeout_s=600)
+            dying.kv_connector.flush(timeout_s=600)
             first_half = time.perf_counter() - start
             done = seq.num_computed
             del dying, seq
-            resumed_engine = NativeEngine.from_pretrained(model_dir, long_cfg, kvtier=half_tier)
+            resumed_engine = load_native_engine(model_dir, long_cfg, kvtier=half_tier)
             resumed = ttft(resumed_engine, prompt, "h2")
             hit = resumed_engine.stats().kvtier["hit_tokens"]
             lost = first_half + resumed - full

@@ -26,11 +26,11 @@ from PIL import Image
 from maverick_serve.bench.serve_bench import pct
 from maverick_serve.config import preset
 from maverick_serve.config.routing import RoutingConfig
-from maverick_serve.router.cost import CostModel, RequestCost
-from maverick_serve.router.hub import ReplicaStateHub
-from maverick_serve.router.inprocess import InProcessCluster
-from maverick_serve.router.policy import make_policy
-from maverick_serve.router.state import ClusterView
+from maverick_serve.routing.cost import CostModel, RequestCost
+from maverick_serve.routing.hub import ReplicaStateHub
+from maverick_serve.routing.policy import make_policy
+from maverick_serve.routing.state import ClusterView
+from maverick_serve.serving.inprocess import InProcessCluster
 
 MODEL = "llama-4-tiny"
 

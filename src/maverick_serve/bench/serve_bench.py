@@ -167,9 +167,9 @@ async def router_overhead(
         import ray
         from ray import serve
 
+        from maverick_serve.api.protocol import EngineWorkItem
         from maverick_serve.engine.types import SamplingParams
         from maverick_serve.serving.builder import ENGINE_DEPLOYMENT
-        from maverick_serve.serving.protocol import EngineWorkItem
 
         if not ray.is_initialized():
             ray.init(address=ray_address, logging_level=logging.ERROR, log_to_driver=False)
@@ -207,11 +207,11 @@ async def router_code_overhead(model_dir: str, samples: int, prompt_tokens: int)
     """In one process, no Ray: router ASGI app + engine vs the engine alone (p50 ms each).
 
     Separates what our router code costs from Serve's proxy → router actor hop."""
+    from maverick_serve.api.protocol import EngineWorkItem
     from maverick_serve.config.cluster import ClusterConfig
     from maverick_serve.engine.types import SamplingParams
-    from maverick_serve.serving.engine_client import LocalEngineClient
     from maverick_serve.serving.engine_server import EngineServer
-    from maverick_serve.serving.protocol import EngineWorkItem
+    from maverick_serve.serving.local_replicas import LocalEngineClient
     from maverick_serve.serving.router_server import RouterServer
 
     cfg = ClusterConfig.model_validate(

@@ -5,11 +5,9 @@ It runs on CPU and CUDA through the same code (`EngineConfig.device`).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
@@ -18,6 +16,7 @@ from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.base import Engine
 from maverick_serve.engine.detokenizer import IncrementalDetokenizer
+from maverick_serve.engine.hooks import ExpertHooks, ExpertTierFactory, KVTierFactory, KVTierHooks
 from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager
 from maverick_serve.engine.runner import ModelRunner
 from maverick_serve.engine.sampler import sample_token
@@ -34,12 +33,6 @@ from maverick_serve.engine.types import (
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVCache
 from maverick_serve.model.checkpoint import load_model, torch_dtype
 from maverick_serve.model.llama4 import Llama4Model
-
-if TYPE_CHECKING:
-    from maverick_serve.config.experts import ExpertsConfig
-    from maverick_serve.config.kvtier import KVTierConfig
-    from maverick_serve.experts.tier import ExpertTier
-    from maverick_serve.kvtier.connector import KVTierConnector
 
 _RATE_WINDOW_S = 10.0
 
@@ -68,14 +61,17 @@ def plan_kv_blocks(spec: ModelSpec, cfg: EngineConfig) -> dict[str, int]:
 
 
 class NativeEngine(Engine):
+    """The tiers outside the engine are handed in (`engine.hooks`): `expert_tier` for routed experts
+    on expert workers, `kv_tier` to build the KV-tier connector once the KV cache exists.
+    `serving.engine_factory.load_native_engine` builds both from a `ClusterConfig`'s sections."""
+
     def __init__(
         self,
         model: Llama4Model,
         tokenizer: Tokenizer,
         config: EngineConfig,
-        expert_tier: ExpertTier | None = None,
-        kvtier: KVTierConfig | None = None,
-        model_dir: Path | None = None,
+        expert_tier: ExpertHooks | None = None,
+        kv_tier: KVTierFactory | None = None,
     ) -> None:
         self.model = model
         self.expert_tier = expert_tier
@@ -92,15 +88,9 @@ class NativeEngine(Engine):
         self.cache = PagedKVCache(t, blocks, config.block_size, torch_dtype(config.dtype), model.device)
         self.runner = ModelRunner(model, self.cache, self.kv, config.attention_key_block)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.kv_connector: KVTierConnector | None = None
-        if kvtier is not None and kvtier.enabled:
-            if model_dir is None:
-                raise ValueError("the KV tier needs model_dir (its keys carry the weights' fingerprint)")
-            from maverick_serve.kvtier.connector import KVTierConnector
-
-            self.kv_connector = KVTierConnector.create(
-                kvtier, model_dir, self.spec, config.dtype, self.kv, self.cache
-            )
+        self.kv_connector: KVTierHooks | None = None
+        if kv_tier is not None:
+            self.kv_connector = kv_tier(self.spec, config.dtype, self.kv, self.cache)
             self.scheduler.external_prefix = self.kv_connector.extend_prefix
         limit = config.max_model_len or t.max_position_embeddings
         self.max_model_len = min(limit, t.max_position_embeddings, blocks[GLOBAL_GROUP] * config.block_size)
@@ -117,26 +107,23 @@ class NativeEngine(Engine):
         cls,
         model_dir: Path,
         config: EngineConfig | None = None,
-        experts: ExpertsConfig | None = None,
-        kvtier: KVTierConfig | None = None,
+        expert_tier: ExpertTierFactory | None = None,
+        kv_tier: KVTierFactory | None = None,
     ) -> NativeEngine:
-        """Load the model; with `experts.mode: disaggregated` the routed experts stay on expert
-        workers (created, or found by name when another replica created them)."""
+        """Load the model; with an `expert_tier` the routed experts are not loaded here: they stay
+        on the expert workers that the factory creates (or finds, when another replica did)."""
         config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        remote = experts is not None and experts.mode == "disaggregated"
         model = load_model(
-            Path(model_dir), dtype=torch_dtype(config.dtype), device=config.device, skip_routed_experts=remote
+            Path(model_dir),
+            dtype=torch_dtype(config.dtype),
+            device=config.device,
+            skip_routed_experts=expert_tier is not None,
         )
         tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        tier = None
-        if remote:
-            from maverick_serve.experts.tier import ExpertTier
-
-            assert experts is not None
-            tier = ExpertTier(Path(model_dir), model.spec, experts, dtype=config.dtype)
-        return cls(model, tokenizer, config, tier, kvtier, Path(model_dir))
+        tier = expert_tier(model.spec) if expert_tier is not None else None
+        return cls(model, tokenizer, config, tier, kv_tier)
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
@@ -366,19 +353,11 @@ class NativeEngine(Engine):
             steps_total=self._steps,
             preemptions_total=self.scheduler.preemptions,
             **self._expert_stats(),
-            kvtier=dataclasses.asdict(self.kv_connector.client.stats) if self.kv_connector else {},
+            kvtier=self.kv_connector.stats() if self.kv_connector else {},
         )
 
     def _expert_stats(self) -> dict[str, object]:
-        tier = self.expert_tier
-        if tier is None:
-            return {}
-        return {
-            "expert_imbalance": tier.imbalance(),
-            "expert_tokens": tier.tracker.loads(),
-            "expert_rebalances_total": tier.rebalances,
-            "expert_failovers_total": tier.failovers,
-        }
+        return self.expert_tier.stats() if self.expert_tier is not None else {}
 
     def score(self, request: EngineRequest) -> torch.Tensor:
         """Logits [prompt_len, vocab] of every prompt position in one forward (tests, prompt logprobs)."""

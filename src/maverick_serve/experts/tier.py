@@ -15,6 +15,7 @@ from torch import nn
 
 from maverick_serve.config.experts import ExpertsConfig, NcclTransportConfig
 from maverick_serve.config.model import ModelSpec
+from maverick_serve.engine.hooks import ExpertHooks, ExpertTierFactory
 from maverick_serve.experts.collective import CollectiveTransport
 from maverick_serve.experts.placement import ExpertPlacement, PlacementError
 from maverick_serve.experts.rebalance import rebalanced
@@ -58,7 +59,15 @@ def check_resources(cfg: ExpertsConfig, available: dict[str, float]) -> None:
             )
 
 
-class ExpertTier:
+def expert_tier_factory(cfg: ExpertsConfig | None, model_dir: Path, dtype: str) -> ExpertTierFactory | None:
+    """What `NativeEngine.from_pretrained` takes with `experts.mode: disaggregated`, else None."""
+    if cfg is None or cfg.mode != "disaggregated":
+        return None
+    remote = cfg
+    return lambda spec: ExpertTier(model_dir, spec, remote, dtype=dtype)
+
+
+class ExpertTier(ExpertHooks):
     def __init__(self, model_dir: Path, spec: ModelSpec, cfg: ExpertsConfig, dtype: str = "float32") -> None:
         import ray
 
@@ -221,6 +230,14 @@ class ExpertTier:
 
     def imbalance(self) -> float:
         return self.tracker.imbalance(self.placement)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "expert_imbalance": self.imbalance(),
+            "expert_tokens": self.tracker.loads(),
+            "expert_rebalances_total": self.rebalances,
+            "expert_failovers_total": self.failovers,
+        }
 
     def shutdown(self) -> None:
         import ray

@@ -11,6 +11,7 @@ all-layers layout would: 12/48 for Scout and Maverick.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.model import ModelSpec
+from maverick_serve.engine.hooks import KVTierFactory, KVTierHooks
 from maverick_serve.engine.kv_cache import KVCacheManager, chain_block_hashes, flat_slots
 from maverick_serve.engine.sequence import Sequence
 from maverick_serve.kvtier.client import KVTierClient, PendingStore
@@ -45,7 +47,15 @@ def make_store(cfg: KVTierConfig) -> KVStore:
     return MemoryKVStore(cfg.store.capacity_bytes)
 
 
-class KVTierConnector:
+def kv_tier_factory(cfg: KVTierConfig | None, model_dir: Path) -> KVTierFactory | None:
+    """What `NativeEngine` takes to build its connector, or None when the tier is off."""
+    if cfg is None or not cfg.enabled:
+        return None
+    enabled = cfg
+    return lambda spec, dtype, kv, cache: KVTierConnector.create(enabled, model_dir, spec, dtype, kv, cache)
+
+
+class KVTierConnector(KVTierHooks):
     def __init__(
         self,
         client: KVTierClient,
@@ -228,6 +238,12 @@ class KVTierConnector:
     def _encoder(self, kv: torch.Tensor, group: str, index: int) -> Callable[[], StoreValue]:
         start = index * self.block_size
         return lambda: encode_block_parts(kv, group, start, start + self.block_size)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self.client.flush(timeout_s)
+
+    def stats(self) -> dict[str, int | float]:
+        return dataclasses.asdict(self.client.stats)
 
     def close(self) -> None:
         self.client.close()

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.router.hub import ReplicaStateHub
+from maverick_serve.routing.hub import ReplicaStateHub
 from maverick_serve.serving.engine_server import EngineServer
 from maverick_serve.serving.model_store import ensure_model
 from maverick_serve.serving.router_server import RouterServer

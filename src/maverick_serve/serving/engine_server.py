@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.async_engine import AsyncEngine, EngineDeadError
 from maverick_serve.engine.inputs import InputProcessor
-from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, ImageInput, InvalidRequestError
-from maverick_serve.router.publisher import HandleStateChannel, StateChannel, StatePublisher
-from maverick_serve.serving.protocol import EngineWorkItem
+from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
+from maverick_serve.serving.engine_factory import load_native_engine
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class EngineServer:
         logging.getLogger("maverick_serve").setLevel(cfg.observability.log_level)
         model_dir = Path(cfg.model.path)
         self.config = cfg
-        self.engine = NativeEngine.from_pretrained(model_dir, cfg.engine, cfg.experts, cfg.kvtier)
+        self.engine = load_native_engine(model_dir, cfg.engine, cfg.experts, cfg.kvtier)
         self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
         self.replica = replica_name or _replica_name()
         on_stats = None
@@ -112,7 +112,7 @@ class EngineServer:
             last = event
         if "error" in last:
             return last
-        await asyncio.to_thread(self.engine.kv_connector.client.flush)
+        await asyncio.to_thread(self.engine.kv_connector.flush)
         return {"prompt_tokens": len(work.prompt_token_ids), "replica": self.replica}
 
     async def stats(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 from tokenizers import Tokenizer
 
+from maverick_serve.api.errors import APIError
+from maverick_serve.api.protocol import ChatCompletionRequest, CompletionRequest, ImagePart
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.inputs import image_config, special_ids_from_tokenizer
@@ -26,8 +28,6 @@ from maverick_serve.model.image_processing import (
     image_prompt_token_ids,
 )
 from maverick_serve.model.tokenizer_builder import LLAMA4_CHAT_TEMPLATE, render_chat_prompt
-from maverick_serve.serving.errors import APIError
-from maverick_serve.serving.protocol import ChatCompletionRequest, CompletionRequest, ImagePart
 
 REMOTE_FETCH_TIMEOUT_S = 10.0
 

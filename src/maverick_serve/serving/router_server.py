@@ -22,15 +22,15 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from maverick_serve.api.engine_client import EngineClient, HandleEngineClient
+from maverick_serve.api.errors import APIError, from_validation_error
+from maverick_serve.api.protocol import ChatCompletionRequest, CompletionRequest, EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.types import SamplingParams
-from maverick_serve.router.auth import ApiKeyAuth
-from maverick_serve.router.dispatcher import Dispatcher, Opened
-from maverick_serve.router.publisher import HandleStateChannel, StateChannel
-from maverick_serve.serving.engine_client import EngineClient, HandleEngineClient
-from maverick_serve.serving.errors import APIError, from_validation_error
+from maverick_serve.routing.auth import ApiKeyAuth
+from maverick_serve.routing.dispatcher import Dispatcher, Opened
+from maverick_serve.routing.publisher import HandleStateChannel, StateChannel
 from maverick_serve.serving.openai_format import Choice, ResponseFormatter, sse_data, usage
-from maverick_serve.serving.protocol import ChatCompletionRequest, CompletionRequest, EngineWorkItem
 from maverick_serve.serving.request_builder import RequestBuilder
 
 logger = logging.getLogger(__name__)

@@ -18,17 +18,17 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+from maverick_serve.api.engine_client import EngineClient
+from maverick_serve.api.errors import APIError
+from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.model.image_processing import ImageProcessingConfig, decode_image, pixel_content_hash
-from maverick_serve.router.cost import CostModel, RequestCost
-from maverick_serve.router.metrics import RouterMetrics
-from maverick_serve.router.policy import Decision, make_policy
-from maverick_serve.router.publisher import StateChannel
-from maverick_serve.router.state import ClusterView
-from maverick_serve.serving.engine_client import EngineClient
-from maverick_serve.serving.errors import APIError
-from maverick_serve.serving.protocol import EngineWorkItem
+from maverick_serve.routing.cost import CostModel, RequestCost
+from maverick_serve.routing.metrics import RouterMetrics
+from maverick_serve.routing.policy import Decision, make_policy
+from maverick_serve.routing.publisher import StateChannel
+from maverick_serve.routing.state import ClusterView
 
 logger = logging.getLogger(__name__)
 Stream = AsyncGenerator[dict[str, Any], None]

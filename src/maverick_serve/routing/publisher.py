@@ -16,8 +16,8 @@ from typing import Any
 
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.model.attention import GLOBAL_GROUP
-from maverick_serve.router.cost import block_key
-from maverick_serve.router.hub import ReplicaStateHub
+from maverick_serve.routing.cost import block_key
+from maverick_serve.routing.hub import ReplicaStateHub
 
 logger = logging.getLogger(__name__)
 # Drained every state interval; bounded so a stalled publisher costs at most ~20 MB. Events lost

@@ -18,8 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from maverick_serve.config.routing import PolicyName, RoutingConfig, ScorerWeights
-from maverick_serve.router.cost import RequestCost
-from maverick_serve.router.state import ClusterView, ReplicaEntry
+from maverick_serve.routing.cost import RequestCost
+from maverick_serve.routing.state import ClusterView, ReplicaEntry
 
 NAMED_WEIGHTS: dict[str, ScorerWeights] = {
     "least_load": ScorerWeights(load=1.0),

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.router.hub import ReplicaStateHub
-from maverick_serve.router.publisher import LocalStateChannel
-from maverick_serve.serving.engine_client import LocalReplicaSet
+from maverick_serve.routing.hub import ReplicaStateHub
+from maverick_serve.routing.publisher import LocalStateChannel
 from maverick_serve.serving.engine_server import EngineServer
+from maverick_serve.serving.local_replicas import LocalReplicaSet
 from maverick_serve.serving.router_server import RouterServer
 
 

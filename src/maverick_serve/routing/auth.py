@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from maverick_serve.api.errors import APIError
 from maverick_serve.config.routing import ApiKey, AuthConfig
-from maverick_serve.serving.errors import APIError
 
 
 def hash_key(key: str) -> str:
