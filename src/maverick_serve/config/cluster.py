@@ -67,6 +67,11 @@ class ReplicaResources(BaseModel):
         0.0, ge=0, description="GPUs per replica (engine replicas on GPU nodes: 1 or TP size)."
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. the unit a worker group advertises so the "
+        "replicas land on it (the Helm chart sets maverick-<tier>: 1).",
+    )
 
 
 class ResourcesConfig(BaseModel):

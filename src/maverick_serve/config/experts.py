@@ -62,6 +62,10 @@ class ExpertsConfig(BaseModel):
     worker_num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per expert worker.")
     worker_num_gpus: float = Field(0.0, ge=0, description="GPUs per expert worker (1 on GPU nodes).")
     worker_device: str = Field("cpu", description="Torch device of expert workers.")
+    worker_custom_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per expert worker (the Helm chart sets maverick-experts: 1).",
+    )
     worker_threads: int | None = Field(None, ge=1, description="torch threads per CPU expert worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the workers across nodes."

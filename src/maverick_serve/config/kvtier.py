@@ -46,6 +46,11 @@ class RedisStoreConfig(BaseModel):
         "redis://127.0.0.1:6379/0",
         description="redis://[:password@]host:port/db, rediss:// (TLS) or unix://path.",
     )
+    password_env: str | None = Field(
+        None,
+        description="Environment variable holding the Redis password (e.g. from a Kubernetes Secret), "
+        "used instead of one in the URL, so the password is in no config or manifest.",
+    )
     max_connections: int = Field(32, ge=1, description="Connection pool size per replica.")
     socket_timeout_s: float = Field(5.0, gt=0, description="Per-command timeout; slower answers are misses.")
     ttl_s: int | None = Field(

@@ -90,6 +90,7 @@ class ExpertTier(ExpertHooks):
                     lifetime="detached",  # shared by every engine replica; outlives any one of them
                     num_cpus=cfg.worker_num_cpus,
                     num_gpus=cfg.worker_num_gpus,
+                    resources=cfg.worker_custom_resources,
                     max_restarts=0,
                     max_concurrency=2,  # the collective serve loop blocks one thread; load/ping use the other
                     scheduling_strategy=strategy,
@@ -146,7 +147,11 @@ class ExpertTier(ExpertHooks):
         with contextlib.suppress(ValueError):
             return ray.util.get_placement_group(name)
         check_resources(cfg, ray.available_resources())
-        bundle = {"CPU": cfg.worker_num_cpus, **({"GPU": cfg.worker_num_gpus} if cfg.worker_num_gpus else {})}
+        bundle = {
+            "CPU": cfg.worker_num_cpus,
+            **({"GPU": cfg.worker_num_gpus} if cfg.worker_num_gpus else {}),
+            **cfg.worker_custom_resources,
+        }
         try:
             return ray.util.placement_group(
                 [bundle] * cfg.ep_degree, strategy=cfg.placement_strategy, name=name, lifetime="detached"

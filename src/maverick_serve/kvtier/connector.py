@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import torch
 
@@ -33,12 +35,29 @@ from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVC
 logger = logging.getLogger(__name__)
 
 
+def redis_url(url: str, password_env: str | None) -> str:
+    """The URL with the password from `password_env` (percent-encoded) in place of any in it."""
+    if password_env is None:
+        return url
+    password = os.environ.get(password_env)
+    if password is None:
+        raise RuntimeError(f"kvtier.store.password_env names {password_env}, which is not set")
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("password="))
+        query = "&".join(filter(None, [query, "password=" + quote(password, safe="")]))
+        return urlunsplit(parts._replace(query=query))
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
+
+
 def make_store(cfg: KVTierConfig) -> KVStore:
     if cfg.store.type == "redis":
         from maverick_serve.kvtier.redis_store import RedisKVStore
 
         return RedisKVStore(
-            cfg.store.url,
+            redis_url(cfg.store.url, cfg.store.password_env),
             cfg.store.max_connections,
             cfg.store.socket_timeout_s,
             cfg.store.max_value_bytes,

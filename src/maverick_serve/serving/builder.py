@@ -37,14 +37,22 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "name": ROUTER_DEPLOYMENT,
             "num_replicas": r.replicas,
             "max_ongoing_requests": r.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+            "ray_actor_options": {
+                "num_cpus": r.num_cpus,
+                "num_gpus": r.num_gpus,
+                "resources": r.custom_resources,
+            },
             "logging_config": logging_config,
         },
         ENGINE_DEPLOYMENT: {
             "name": ENGINE_DEPLOYMENT,
             "num_replicas": e.replicas,
             "max_ongoing_requests": e.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
+            "ray_actor_options": {
+                "num_cpus": e.num_cpus,
+                "num_gpus": e.num_gpus,
+                "resources": e.custom_resources,
+            },
             "health_check_period_s": 5,
             "logging_config": logging_config,
             # Serve follows the ranking our Router's policy attaches to each request.
@@ -61,7 +69,11 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "name": PREFILL_DEPLOYMENT,
             "num_replicas": p.replicas,
             "max_ongoing_requests": p.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
+            "ray_actor_options": {
+                "num_cpus": p.num_cpus,
+                "num_gpus": p.num_gpus,
+                "resources": p.custom_resources,
+            },
             "health_check_period_s": 5,
             "logging_config": logging_config,
         },

@@ -1,0 +1,171 @@
+"""The chart and the code agree: the tiny CPU example's rendered serveConfigV2, deployed with the Serve
+CLI on a local Ray, serves the API, and the `helm test` pod's own command passes against it.
+
+Only what a cluster provides is stood in for: the worker groups' custom resources (`ray start
+--resources`), the Redis password as the pods get it (MAVERICK_REDIS_PASSWORD from the Secret) and
+a loopback Redis instead of the release's Service name; ports are free loopback ports.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import yaml
+from chart_helpers import EXAMPLES, render_docs
+from PIL import Image
+
+from maverick_serve.kvtier.redis_process import RedisProcess
+from maverick_serve.net import free_port
+
+VENV_BIN = Path(sys.executable).parent
+PASSWORD = "chart-test-redis-password"
+
+
+def _image_data_url() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 40, 90)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def deployed(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("chart-on-ray")
+    docs = render_docs(helm, next(p for p in EXAMPLES if p.stem == "tiny-cpu"))
+    (svc,) = [d for d in docs if d["kind"] == "RayService"]
+    (test_pod,) = [d for d in docs if d["kind"] == "Pod"]
+    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    groups = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    resources: dict[str, float] = {}
+    for g in groups:
+        resources.update(json.loads(json.loads(g["rayStartParams"]["resources"])))
+
+    server = RedisProcess(root / "redis", password=PASSWORD)
+    server.workdir.mkdir()
+    server.start()
+    port, dash, gcs = free_port(), free_port(), free_port()
+    args = serve_cfg["applications"][0]["args"]
+    store = args["kvtier"]["store"]
+    assert store["url"].startswith("redis://maverick-maverick-serve-redis.default.svc:6379/")
+    store["url"] = f"redis://127.0.0.1:{server.port}/0"  # the release's Service, here
+    args["model"]["cache_dir"] = str(root / "models")
+    serve_cfg["http_options"]["port"] = args["http"]["port"] = port
+    cfg_path = root / "serve.yaml"
+    cfg_path.write_text(yaml.safe_dump(serve_cfg))
+
+    # The example sets ray.tokenAuth: false; Ray 2.60's `ray start` would turn token auth on.
+    assert "authOptions" not in svc["spec"]["rayClusterConfig"]
+    env = {
+        **os.environ,
+        "MAVERICK_REDIS_PASSWORD": PASSWORD,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    ray_cmd = [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}"]
+    ray_cmd += ["--num-cpus=8", f"--resources={json.dumps(resources)}", "--disable-usage-stats"]
+    subprocess.run(ray_cmd, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deploy = subprocess.run(
+            [str(VENV_BIN / "serve"), "deploy", str(cfg_path), "-a", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert deploy.returncode == 0, deploy.stderr[-2000:]
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 420
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                status = subprocess.run(
+                    [str(VENV_BIN / "serve"), "status", "-a", address],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+                pytest.fail(f"the chart's app did not come up:\n{status.stdout}\n{status.stderr}")
+            time.sleep(2)
+        yield {"url": url, "test_pod": test_pod, "redis": server, "args": args}
+    finally:
+        subprocess.run(
+            [str(VENV_BIN / "serve"), "shutdown", "-y", "-a", f"http://127.0.0.1:{dash}"],
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        server.stop()
+
+
+def test_models_chat_and_image_chat(deployed: dict[str, Any]) -> None:
+    url = deployed["url"]
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["llama-4-tiny"]
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "llama-4-tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["completion_tokens"] == 4
+    image = {
+        "model": "llama-4-tiny",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _image_data_url()}},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
+        "max_tokens": 3,
+    }
+    reply = httpx.post(f"{url}/v1/chat/completions", json=image, timeout=180)
+    assert reply.status_code == 200, reply.text
+    usage = reply.json()["usage"]
+    assert usage["completion_tokens"] == 3 and usage["prompt_tokens"] > 2 * 144  # a 2-tile image and more
+    # The engines reached the release's Redis with the password from the environment only.
+    server: RedisProcess = deployed["redis"]
+    assert "@" not in deployed["args"]["kvtier"]["store"]["url"]
+    client = redis.Redis(host="127.0.0.1", port=server.port, password=PASSWORD)
+    deadline = time.monotonic() + 30
+    while client.dbsize() == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert client.dbsize() > 0, "no KV blocks reached Redis"
+
+
+def test_the_helm_test_pods_command_passes(deployed: dict[str, Any]) -> None:
+    (container,) = deployed["test_pod"]["spec"]["containers"]
+    command = [*container["command"], *container["args"]]
+    assert command[:3] == ["python", "-m", "maverick_serve.serving.smoke_check"]
+    url_at = command.index("--url") + 1
+    assert command[url_at] == "http://maverick-maverick-serve-serve:8000"
+    command[0], command[url_at] = sys.executable, deployed["url"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "serves llama-4-tiny" in run.stdout
+    # And it fails when the app does not answer.
+    dead = subprocess.run(
+        [*command[:url_at], f"http://127.0.0.1:{free_port()}", *command[url_at + 1 :], "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dead.returncode == 1 and "unreachable" in dead.stderr
