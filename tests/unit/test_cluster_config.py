@@ -75,10 +75,16 @@ def test_every_field_has_a_description() -> None:
 
 
 def test_options_follow_config() -> None:
-    cfg = ClusterConfig.model_validate({"resources": {"engine": {"replicas": 3, "num_cpus": 2}}})
+    cfg = ClusterConfig.model_validate(
+        {"resources": {"engine": {"replicas": 3, "num_cpus": 2, "custom_resources": {"maverick-engine": 1}}}}
+    )
     opts = deployment_options(cfg)
     assert opts[ENGINE_DEPLOYMENT]["num_replicas"] == 3
-    assert opts[ENGINE_DEPLOYMENT]["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert opts[ENGINE_DEPLOYMENT]["ray_actor_options"] == {
+        "num_cpus": 2.0,
+        "num_gpus": 0.0,
+        "resources": {"maverick-engine": 1.0},
+    }
     assert opts[ROUTER_DEPLOYMENT]["name"] == "Router"
 
 
@@ -117,3 +123,20 @@ def test_disaggregation_needs_a_shared_tier() -> None:
         }
     )
     assert cfg.kvtier.block_size == 256
+
+
+def test_redis_password_comes_from_the_named_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from maverick_serve.kvtier.connector import redis_url
+
+    assert redis_url("redis://r:6379/0", None) == "redis://r:6379/0"
+    monkeypatch.setenv("MAVERICK_REDIS_PASSWORD", "p@ss:w/rd")
+    assert redis_url("redis://r:6379/0", "MAVERICK_REDIS_PASSWORD") == "redis://:p%40ss%3Aw%2Frd@r:6379/0"
+    assert redis_url("rediss://:old@r:6380/1?ssl_ca_certs=/ca", "MAVERICK_REDIS_PASSWORD") == (
+        "rediss://:p%40ss%3Aw%2Frd@r:6380/1?ssl_ca_certs=/ca"
+    )
+    assert redis_url("unix:///run/redis.sock?db=0", "MAVERICK_REDIS_PASSWORD") == (
+        "unix:///run/redis.sock?db=0&password=p%40ss%3Aw%2Frd"
+    )
+    monkeypatch.delenv("MAVERICK_REDIS_PASSWORD")
+    with pytest.raises(RuntimeError, match="MAVERICK_REDIS_PASSWORD, which is not set"):
+        redis_url("redis://r:6379/0", "MAVERICK_REDIS_PASSWORD")

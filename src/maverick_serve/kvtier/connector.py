@@ -46,7 +46,7 @@ def redis_url(url: str, password_env: str | None) -> str:
     if parts.scheme == "unix":
         query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("password="))
         query = "&".join(filter(None, [query, "password=" + quote(password, safe="")]))
-        return urlunsplit(parts._replace(query=query))
+        return f"unix://{parts.path}?{query}"  # urlunsplit would drop the empty authority
     host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
