@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,18 @@ from maverick_serve.net import free_port
 
 VENV_BIN = Path(sys.executable).parent
 PASSWORD = "chart-test-redis-password"
+_DRIVER = """
+import json, sys, time
+import ray
+ray.init(num_cpus=8, resources=json.loads(sys.argv[1]), include_dashboard=True,
+         dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[2]))
+print("ray ready", flush=True)
+try:
+    while True:
+        time.sleep(1)
+except KeyboardInterrupt:
+    ray.shutdown()
+"""
 
 
 def _image_data_url() -> str:
@@ -54,7 +67,7 @@ def deployed(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     server = RedisProcess(root / "redis", password=PASSWORD)
     server.workdir.mkdir()
     server.start()
-    port, dash, gcs = free_port(), free_port(), free_port()
+    port, dash = free_port(), free_port()
     args = serve_cfg["applications"][0]["args"]
     store = args["kvtier"]["store"]
     assert store["url"].startswith("redis://maverick-maverick-serve-redis.default.svc:6379/")
@@ -72,9 +85,19 @@ def deployed(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
     }
-    ray_cmd = [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}"]
-    ray_cmd += ["--num-cpus=8", f"--resources={json.dumps(resources)}", "--disable-usage-stats"]
-    subprocess.run(ray_cmd, env=env, check=True, capture_output=True, timeout=180)
+    # A local Ray owned by one driver process: stopping it stops only this cluster (`ray stop`
+    # would also stop other tests' clusters on the machine).
+    driver_log = root / "ray-driver.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, json.dumps(resources), str(dash)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=driver_log.open("w"),
+        text=True,
+    )
+    assert driver.stdout is not None
+    line = driver.stdout.readline()  # the driver prints one line once Ray is up, or exits
+    assert line.strip() == "ray ready", driver_log.read_text()[-3000:]
     try:
         address = f"http://127.0.0.1:{dash}"
         deploy = subprocess.run(
@@ -109,7 +132,11 @@ def deployed(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
             capture_output=True,
             timeout=120,
         )
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        driver.send_signal(signal.SIGINT)  # ray.shutdown() runs at exit
+        try:
+            driver.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            driver.kill()
         server.stop()
 
 
