@@ -340,3 +340,20 @@ def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([*cli, "-f", str(BAD / "ep-above-experts.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "cluster.experts.ep_degree=16 exceeds the 8 routed experts per layer" in bad.stderr
+
+
+def test_weights_download_is_pinned_and_workers_wait_for_it(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    (svc,) = [d for d in rendered["maverick-fp8-8xh100"] if d["kind"] == "RayService"]
+    cluster = svc["spec"]["rayClusterConfig"]
+    (download,) = cluster["headGroupSpec"]["template"]["spec"]["initContainers"]
+    env = {e["name"]: e for e in download["env"]}
+    assert re.fullmatch(r"[0-9a-f]{40}", env["MODEL_REVISION"]["value"])
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    for group in cluster["workerGroupSpecs"]:
+        (wait,) = group["template"]["spec"]["initContainers"]
+        assert wait["name"] == "wait-for-weights"
+        assert {e["name"]: e["value"] for e in wait["env"]}["MODEL_REVISION"] == env["MODEL_REVISION"][
+            "value"
+        ]
