@@ -30,7 +30,7 @@ class RunningCluster:
     log: Path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after the e2e module: an idle cluster costs the later tiers CPU
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     root = tmp_path_factory.mktemp("cluster")
     config = {
