@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from maverick_serve.config.autoscaling import AutoscalingConfig
 from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.config.kvtier import KVTierConfig
@@ -163,6 +164,9 @@ class ClusterConfig(BaseModel):
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP proxy and dashboard.")
     observability: ObservabilityConfig = Field(
         default_factory=ObservabilityConfig, description="Metrics and logging."
+    )
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Autoscaling policies (off: fixed replicas)."
     )
 
     @model_validator(mode="after")

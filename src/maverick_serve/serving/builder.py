@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from maverick_serve.autoscaling.serve_policy import POLICY_PATH
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.routing.hub import ReplicaStateHub
 from maverick_serve.serving.engine_server import EngineServer
@@ -32,7 +33,7 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
         "enable_access_log": config.observability.access_log,
         "log_level": config.observability.log_level,
     }
-    return {
+    options: dict[str, dict[str, Any]] = {
         ROUTER_DEPLOYMENT: {
             "name": ROUTER_DEPLOYMENT,
             "num_replicas": r.replicas,
@@ -77,6 +78,37 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "health_check_period_s": 5,
             "logging_config": logging_config,
         },
+    }
+    if config.autoscaling.enabled:
+        engine = options[ENGINE_DEPLOYMENT]
+        scaling = engine_autoscaling(config)
+        del engine["num_replicas"]
+        engine["autoscaling_config"] = scaling["autoscaling_config"]
+        engine["ray_actor_options"]["runtime_env"] = {"env_vars": scaling["env_vars"]}
+    return options
+
+
+def engine_autoscaling(config: ClusterConfig) -> dict[str, Any]:
+    """Serve options that hand the engine's replica count to our policy (Serve's delays off)."""
+    a = config.autoscaling
+    push = str(a.metrics_push_interval_s)
+    return {
+        "autoscaling_config": {
+            "min_replicas": a.engine.min_replicas,
+            "max_replicas": a.engine.max_replicas,
+            "initial_replicas": max(a.engine.min_replicas, 1),
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 0,
+            "downscale_to_zero_delay_s": 0,
+            "look_back_period_s": a.metrics_push_interval_s * 2,
+            "metrics_interval_s": a.metrics_push_interval_s,
+            "policy": {
+                "policy_function": POLICY_PATH,
+                "policy_kwargs": {"tier": "engine", "config": a.engine.model_dump(mode="json")},
+            },
+        },
+        # Replicas push their stats this often (Serve reads the interval from the environment).
+        "env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": push},
     }
 
 

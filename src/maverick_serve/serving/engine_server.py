@@ -19,7 +19,7 @@ from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.async_engine import AsyncEngine, EngineDeadError
 from maverick_serve.engine.inputs import InputProcessor
-from maverick_serve.engine.types import EngineRequest, ImageInput, InvalidRequestError
+from maverick_serve.engine.types import EngineRequest, EngineStats, ImageInput, InvalidRequestError
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
 from maverick_serve.serving.engine_factory import load_native_engine
 
@@ -62,8 +62,15 @@ class EngineServer:
             on_stats = EngineMetrics(self.replica, cfg.model.served_model_name).record
         except Exception:  # no Ray metrics agent (plain Python): stats stay readable via stats()
             logger.warning("Ray metrics unavailable; engine stats are not exported")
+        self.latest_stats: EngineStats | None = None
+
+        def keep_stats(stats: EngineStats) -> None:
+            self.latest_stats = stats  # read by record_autoscaling_stats on Serve's thread
+            if on_stats is not None:
+                on_stats(stats)
+
         self.runner = AsyncEngine(
-            self.engine, on_stats=on_stats, stats_interval_s=cfg.observability.metrics_interval_s
+            self.engine, on_stats=keep_stats, stats_interval_s=cfg.observability.metrics_interval_s
         )
         self.publisher: StatePublisher | None = None
         if hub is not None:  # report load and cache contents to the routers
@@ -124,6 +131,18 @@ class EngineServer:
             "replica": self.replica,
             "max_model_len": self.engine.max_model_len,
             "model": self.config.model.served_model_name,
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the engine tier's autoscaling policy reads (Serve calls this on every push)."""
+        s = self.latest_stats
+        if s is None:
+            return {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
+        total = sum(s.kv_blocks_total.values()) or 1
+        return {
+            "running": float(s.running),
+            "waiting": float(s.waiting),
+            "kv_usage": sum(s.kv_blocks_used.values()) / total,
         }
 
     def check_health(self) -> None:

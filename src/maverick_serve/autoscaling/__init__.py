@@ -1,0 +1,1 @@
+"""Autoscaling policies per tier (decisions from signals; Serve applies the counts)."""

@@ -1,0 +1,62 @@
+"""Autoscaling settings per tier: bounds, what one replica can carry, SLOs and the hysteresis."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TierScalingConfig(BaseModel):
+    """One tier's policy. Load is the tier's own unit (engine: running + waiting requests; prefill:
+    pending prefill tokens; router: ongoing requests); `target_per_replica` is what one replica
+    should carry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["load_target"] = Field("load_target", description="The policy (autoscaling/policy.py).")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    target_per_replica: float = Field(8.0, gt=0, description="Load one replica should carry.")
+    up_band: float = Field(0.1, ge=0, lt=1, description="Scale up only above target x (1 + up_band).")
+    down_band: float = Field(0.2, ge=0, lt=1, description="Scale down only below target x (1 - down_band).")
+    stable_window_s: float = Field(30.0, gt=0, description="Load is averaged over this window.")
+    panic_window_s: float = Field(6.0, gt=0, description="Short window that catches bursts.")
+    panic_factor: float = Field(
+        2.0, gt=1, description="Panic when the short-window load exceeds this x capacity."
+    )
+    upscale_cooldown_s: float = Field(10.0, ge=0, description="Seconds between two scale-ups (not in panic).")
+    downscale_cooldown_s: float = Field(
+        120.0, ge=0, description="Seconds after any change before scaling down."
+    )
+    max_step_up: int = Field(2, ge=1, description="Most replicas added at once.")
+    max_step_down: int = Field(1, ge=1, description="Most replicas removed at once.")
+    stale_after_s: float = Field(15.0, gt=0, description="Older signals hold the current count.")
+    slo_ttft_p95_s: float | None = Field(None, gt=0, description="Scale up while TTFT p95 is above this.")
+    slo_itl_p95_s: float | None = Field(
+        None, gt=0, description="Scale up while inter-token p95 is above this."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TierScalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.panic_window_s > self.stable_window_s:
+            raise ValueError("panic_window_s must not exceed stable_window_s")
+        return self
+
+
+class AutoscalingConfig(BaseModel):
+    """Our policies instead of fixed replica counts (off: `resources.*.replicas` stay fixed).
+    Today the engine tier is scaled; the other tiers keep their fixed counts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Scale engine replicas with the load-target policy.")
+    engine: TierScalingConfig = Field(
+        default_factory=TierScalingConfig,
+        description="Engine replicas; load = running + waiting requests per replica.",
+    )
+    metrics_push_interval_s: float = Field(
+        2.0, gt=0, description="How often replicas push their autoscaling stats to Serve's controller."
+    )
