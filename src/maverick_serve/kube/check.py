@@ -59,6 +59,9 @@ class MemoryRow:
     def total_gib(self) -> float:
         return self.weights_gib + self.kv_gib
 
+    def fits(self, gpu_memory_gib: float) -> bool:
+        return self.gpus_each == 0 or self.total_gib <= gpu_memory_gib
+
 
 @dataclass
 class CheckReport:
@@ -78,7 +81,7 @@ class CheckReport:
             f"{'total':>8} fits",
         ]
         for r in self.rows:
-            fits = "yes" if r.gpus_each == 0 or r.total_gib <= self.gpu_memory_gib else "NO"
+            fits = "yes" if r.fits(self.gpu_memory_gib) else "NO"
             out.append(
                 f"  {r.tier:<8} {r.count:>5} {r.gpus_each:>9g} {r.weights_gib:>16,.1f} {r.kv_gib:>11,.1f} "
                 f"{r.total_gib:>8,.1f} {fits}"
@@ -87,7 +90,7 @@ class CheckReport:
 
     @property
     def fits(self) -> bool:
-        return all(r.gpus_each == 0 or r.total_gib <= self.gpu_memory_gib for r in self.rows)
+        return all(r.fits(self.gpu_memory_gib) for r in self.rows)
 
 
 def _spec(cluster: ClusterConfig, model_preset: str | None) -> tuple[ModelSpec, str]:
