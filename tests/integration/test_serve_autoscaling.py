@@ -10,12 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
+from serve_helpers import serve_app
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.net import free_port
-from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, build_app
+from maverick_serve.serving.builder import ENGINE_DEPLOYMENT
 
 APP = "scaled"
 SLOTS = 2  # "GPUs": at most two engine replicas fit
@@ -23,45 +22,32 @@ SLOTS = 2  # "GPUs": at most two engine replicas fit
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path) -> Iterator[str]:
-    ray.init(
-        num_cpus=8,
-        resources={"fake_gpu": SLOTS},
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
+    cfg = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(tiny_model)},
+            "engine": {"kv_cache_memory_gib": 0.1, "num_threads": 1, "max_num_seqs": 2},
+            "kvtier": {"enabled": False},
+            "resources": {
+                "engine": {"num_cpus": 1, "custom_resources": {"fake_gpu": 1}},
+                "check_cluster_fit": False,
+            },
+            "autoscaling": {
+                "enabled": True,
+                "metrics_push_interval_s": 0.5,
+                "engine": {
+                    "min_replicas": 1,
+                    "max_replicas": 3,  # one more than fits: the cap is the "GPUs"
+                    "target_per_replica": 2,
+                    "stable_window_s": 4,
+                    "panic_window_s": 2,
+                    "upscale_cooldown_s": 2,
+                    "downscale_cooldown_s": 8,
+                },
+            },
+        }
     )
-    port = free_port()
-    try:
-        cfg = ClusterConfig.model_validate(
-            {
-                "model": {"path": str(tiny_model)},
-                "engine": {"kv_cache_memory_gib": 0.1, "num_threads": 1, "max_num_seqs": 2},
-                "kvtier": {"enabled": False},
-                "resources": {
-                    "engine": {"num_cpus": 1, "custom_resources": {"fake_gpu": 1}},
-                    "check_cluster_fit": False,
-                },
-                "autoscaling": {
-                    "enabled": True,
-                    "metrics_push_interval_s": 0.5,
-                    "engine": {
-                        "min_replicas": 1,
-                        "max_replicas": 3,  # one more than fits: the cap is the "GPUs"
-                        "target_per_replica": 2,
-                        "stable_window_s": 4,
-                        "panic_window_s": 2,
-                        "upscale_cooldown_s": 2,
-                        "downscale_cooldown_s": 8,
-                    },
-                },
-            }
-        )
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(cfg, APP, resources={"fake_gpu": SLOTS}) as url:
+        yield url
 
 
 def _engine_replicas() -> tuple[int, int]:

@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import ray
 import torch
 from ray import serve
+from serve_helpers import serve_app
 
 from maverick_serve.config import EngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
-from maverick_serve.net import free_port
-from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT, build_app
+from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT
 
 
 def test_long_prompts_take_the_prefill_path_with_identical_tokens(
@@ -34,26 +33,22 @@ def test_long_prompts_take_the_prefill_path_with_identical_tokens(
             text += "".join(o.text_delta for o in engine.step())
         expected[name] = text
 
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    port = free_port()
-    try:
-        cfg = ClusterConfig.model_validate(
-            {
-                "model": {"path": str(tiny_model)},
-                "engine": {"kv_cache_memory_gib": 0.05, "num_threads": 1},
-                "kvtier": {
-                    "store": {"type": "redis", "url": redis_server.url},
-                    "block_size": 32,
-                    "required": True,
-                },
-                "disaggregation": {"enabled": True, "threshold_tokens": 200},
-            }
-        )
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name="pd", route_prefix="/")
+    cfg = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(tiny_model)},
+            "engine": {"kv_cache_memory_gib": 0.05, "num_threads": 1},
+            "kvtier": {
+                "store": {"type": "redis", "url": redis_server.url},
+                "block_size": 32,
+                "required": True,
+            },
+            "disaggregation": {"enabled": True, "threshold_tokens": 200},
+        }
+    )
+    with serve_app(cfg, "pd") as url:
         for name, p in (("long", long_prompt), ("short", short_prompt)):
             r = httpx.post(
-                f"http://127.0.0.1:{port}/v1/completions",
+                f"{url}/v1/completions",
                 timeout=120,
                 json={
                     "model": "llama-4-tiny",
@@ -70,6 +65,3 @@ def test_long_prompts_take_the_prefill_path_with_identical_tokens(
         assert prefill["prompt_tokens_total"] == 300  # only the long prompt was prefilled there
         assert decode["kvtier"]["hit_tokens"] == 288  # decode loaded 9 tier blocks of 32 from Redis
         assert decode["prompt_tokens_total"] == 340
-    finally:
-        serve.shutdown()
-        ray.shutdown()

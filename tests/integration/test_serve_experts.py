@@ -10,20 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from ray import serve
+from serve_helpers import serve_app
 
 from maverick_serve.config import EngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
-from maverick_serve.net import free_port
-from maverick_serve.serving.builder import build_app
 
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model: Path) -> Iterator[tuple[str, str]]:
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    port = free_port()
     prefix = f"serve-experts-{uuid.uuid4().hex[:6]}"
     cfg = ClusterConfig.model_validate(
         {
@@ -39,13 +35,8 @@ def app_url(tiny_model: Path) -> Iterator[tuple[str, str]]:
             "resources": {"engine": {"replicas": 2, "num_cpus": 1}},
         }
     )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name="ep", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", prefix
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(cfg, "ep") as url:
+        yield url, prefix
 
 
 def test_disaggregated_experts_serve_the_same_tokens(app_url: tuple[str, str], tiny_model: Path) -> None:

@@ -14,36 +14,28 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from ray import serve
+from serve_helpers import serve_app
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.net import free_port
-from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, build_app
+from maverick_serve.serving.builder import ENGINE_DEPLOYMENT
 
 APP = "routed"
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path) -> Iterator[str]:
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    port = free_port()
-    try:
-        cfg = ClusterConfig.model_validate(
-            {
-                "model": {"path": str(tiny_model)},
-                "engine": {"kv_cache_memory_gib": 0.1, "num_threads": 1, "max_num_seqs": 2},
-                "kvtier": {"enabled": False},
-                # Two routers: each polls the state hub, so both send a prefix to the same replica.
-                "resources": {"engine": {"replicas": 2, "num_cpus": 1}, "router": {"replicas": 2}},
-                "router": {"routing": {"policy": "cache_aware", "max_queue_per_replica": 64}},
-            }
-        )
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name=APP, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    cfg = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(tiny_model)},
+            "engine": {"kv_cache_memory_gib": 0.1, "num_threads": 1, "max_num_seqs": 2},
+            "kvtier": {"enabled": False},
+            # Two routers: each polls the state hub, so both send a prefix to the same replica.
+            "resources": {"engine": {"replicas": 2, "num_cpus": 1}, "router": {"replicas": 2}},
+            "router": {"routing": {"policy": "cache_aware", "max_queue_per_replica": 64}},
+        }
+    )
+    with serve_app(cfg, APP) as url:
+        yield url
 
 
 def _complete(url: str, prompt: list[int], max_tokens: int = 2) -> httpx.Response:

@@ -1,0 +1,30 @@
+"""The app on a local Ray Serve, for the Serve integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+from ray import serve
+
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.net import free_port
+from maverick_serve.serving.builder import build_app
+
+
+@contextmanager
+def serve_app(cfg: ClusterConfig, name: str, resources: dict[str, float] | None = None) -> Iterator[str]:
+    """A local Ray (8 logical CPUs plus any custom `resources`) serving the app built from `cfg` on
+    a free port; yields its URL; Serve and Ray stop afterwards."""
+    ray.init(
+        num_cpus=8, resources=resources, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name=name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
