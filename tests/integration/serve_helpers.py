@@ -11,19 +11,41 @@ from ray import serve
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.net import free_port
 from maverick_serve.serving.builder import build_app
+from maverick_serve.serving.local_cluster import deploy_config, wait_ready
 
 
 @contextmanager
-def serve_app(cfg: ClusterConfig, name: str, resources: dict[str, float] | None = None) -> Iterator[str]:
+def serve_app(
+    cfg: ClusterConfig,
+    name: str,
+    resources: dict[str, float] | None = None,
+    dashboard_port: int | None = None,
+) -> Iterator[str]:
     """A local Ray (8 logical CPUs plus any custom `resources`) serving the app built from `cfg` on
-    a free port; yields its URL; Serve and Ray stop afterwards."""
+    a free port; yields its URL; Serve and Ray stop afterwards. With a `dashboard_port` the app is
+    deployed as a Serve config through the dashboard there (as `maverick-serve up` and KubeRay
+    do), which carries the app-level autoscaling policy."""
+    dashboard = dashboard_port
     ray.init(
-        num_cpus=8, resources=resources, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+        num_cpus=8,
+        resources=resources,
+        include_dashboard=dashboard is not None,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard,
+        logging_level="ERROR",
+        log_to_driver=False,
     )
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name=name, route_prefix="/")
+        if dashboard is not None:
+            cfg = cfg.model_copy(
+                update={"app_name": name, "http": cfg.http.model_copy(update={"port": port})}
+            )
+            deploy_config(f"http://127.0.0.1:{dashboard}", cfg)
+            wait_ready(f"http://127.0.0.1:{port}", 300)
+        else:
+            serve.run(build_app(cfg), name=name, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

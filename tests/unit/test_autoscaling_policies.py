@@ -6,11 +6,12 @@ import itertools
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from maverick_serve.autoscaling.budget import experts_for_engines, fit_gpu_budget
+from maverick_serve.autoscaling.budget import fit_gpu_budget
 from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy, TierSignals
 from maverick_serve.config.autoscaling import TierScalingConfig
 
@@ -110,29 +111,109 @@ def test_bad_settings_are_refused(update: dict[str, float], field: str) -> None:
         TierScalingConfig.model_validate({**CFG.model_dump(), **update})
 
 
-def test_experts_follow_engines_in_whole_ep_groups() -> None:
-    assert experts_for_engines(1, 4, 4, 4, 16) == 4
-    assert experts_for_engines(3, 2.5, 4, 4, 16) == 8
-    assert experts_for_engines(9, 4, 4, 4, 16) == 16
+def test_gpu_budget_is_never_exceeded_and_no_tier_takes_from_another() -> None:
+    costs = {"engine": 8.0, "prefill": 4.0, "router": 0.0}
+    minimum = {"engine": 1, "prefill": 0, "router": 1}
+    order = ("prefill", "engine", "router")
+    # Everyone wants more than fits: growth goes router, engine, prefill round robin inside 32.
+    out = fit_gpu_budget(
+        {"engine": 4, "prefill": 3, "router": 4},
+        {"engine": 1, "prefill": 0, "router": 1},
+        costs,
+        minimum,
+        32,
+        order,
+    )
+    assert out == {"engine": 3, "prefill": 2, "router": 4}
+    assert sum(n * costs[t] for t, n in out.items()) <= 32
+    # Prefill holds 2 (8 units) and engines want a 4th: the 40 units do not fit, so engines wait;
+    # prefill is not pushed down to make room (two tiers fighting would oscillate).
+    held = fit_gpu_budget(
+        {"engine": 4, "prefill": 2, "router": 1},
+        {"engine": 3, "prefill": 2, "router": 1},
+        costs,
+        minimum,
+        32,
+        order,
+    )
+    assert held == {"engine": 3, "prefill": 2, "router": 1}
+    # The budget was lowered under what runs: prefill gives back first, never below minimums.
+    cut = fit_gpu_budget(
+        {"engine": 3, "prefill": 2, "router": 1},
+        {"engine": 3, "prefill": 2, "router": 1},
+        costs,
+        minimum,
+        16,
+        order,
+    )
+    assert cut == {"engine": 2, "prefill": 0, "router": 1}
+    assert fit_gpu_budget({"engine": 9}, {"engine": 1}, costs, minimum, None) == {"engine": 9}
 
 
-def test_gpu_budget_is_never_exceeded() -> None:
-    gpus = {"engine": 8.0, "experts": 1.0, "prefill": 4.0, "router": 0.0}
-    minimum = {"engine": 1, "experts": 4, "prefill": 0, "router": 1}
-    out = fit_gpu_budget({"engine": 3, "experts": 12, "prefill": 2, "router": 4}, gpus, minimum, budget=32)
-    assert sum(n * gpus[t] for t, n in out.items()) <= 32
-    assert out["prefill"] == 0 and out["router"] == 4 and out["engine"] >= 1
-    with pytest.raises(ValueError, match="need 12 GPUs, above the budget of 8"):
-        fit_gpu_budget({"engine": 1, "experts": 4}, gpus, minimum, budget=8)
+def test_budget_that_cannot_hold_the_minimums_is_refused_at_build() -> None:
+    from maverick_serve.config.cluster import ClusterConfig
+
+    base = {
+        "resources": {"engine": {"custom_resources": {"fake_gpu": 1}}},
+        "experts": {"mode": "disaggregated", "ep_degree": 2, "worker_custom_resources": {"fake_gpu": 1}},
+    }
+    ok = ClusterConfig.model_validate(
+        {**base, "autoscaling": {"enabled": True, "budget_resource": "fake_gpu", "gpu_budget": 6}}
+    )
+    assert ok.scaling_costs() == {"router": 0.0, "engine": 3.0}  # an engine and its 2 expert workers
+    with pytest.raises(ValidationError, match=re.escape("gpu_budget=5 fake_gpu cannot hold the tiers' min")):
+        ClusterConfig.model_validate(
+            {
+                **base,
+                "autoscaling": {
+                    "enabled": True,
+                    "budget_resource": "fake_gpu",
+                    "gpu_budget": 5,
+                    "engine": {"min_replicas": 2},
+                },
+            }
+        )
 
 
-def _ctx(target: int, running: dict[str, float] | None, waiting: dict[str, float] | None, queued: float = 0):
+def test_kv_pressure_scales_up_only_while_requests_wait() -> None:
+    cfg = CFG.model_copy(update={"kv_usage_high": 0.9})
+    policy = LoadTargetPolicy(cfg)
+    calm = policy.decide(TierSignals(now=0, replicas=2, load=14.0, kv_usage=0.95, waiting=0))
+    assert calm == Decision(2, "hold:band")
+    full = policy.decide(TierSignals(now=1, replicas=2, load=14.0, kv_usage=0.95, waiting=3))
+    assert full == Decision(3, "up:kv")
+
+
+def test_latency_window_p95_forgets_old_samples() -> None:
+    from maverick_serve.serving.latency_window import LatencyWindow
+
+    now = [0.0]
+    window = LatencyWindow(10.0, clock=lambda: now[0])
+    assert window.p95() is None
+    for i in range(1, 101):
+        window.add(i / 100)
+    assert window.p95() == pytest.approx(0.95)
+    now[0] = 11.0
+    window.add(0.2)
+    assert window.p95() == pytest.approx(0.2)
+
+
+def _ctx(
+    target: int,
+    running: dict[str, float] | None,
+    waiting: dict[str, float] | None,
+    queued: float = 0,
+    name: str = "LlamaEngine",
+    metrics: dict[str, dict[str, float]] | None = None,
+    raw: dict[str, Any] | None = None,
+):
     from ray.serve.config import AutoscalingContext
 
-    metrics = {"running": running or {}, "waiting": waiting or {}} if running is not None else {}
+    if metrics is None:
+        metrics = {"running": running or {}, "waiting": waiting or {}} if running is not None else {}
     return AutoscalingContext(
-        deployment_id=None,
-        deployment_name="LlamaEngine",
+        deployment_id=name,
+        deployment_name=name,
         app_name="maverick",
         current_num_replicas=target,
         target_num_replicas=target,
@@ -140,7 +221,7 @@ def _ctx(target: int, running: dict[str, float] | None, waiting: dict[str, float
         total_num_requests=queued,
         total_queued_requests=queued,
         aggregated_metrics=metrics,
-        raw_metrics={},
+        raw_metrics=raw or {},
         capacity_adjusted_min_replicas=0,
         capacity_adjusted_max_replicas=8,
         policy_state={},
@@ -165,3 +246,45 @@ def test_serve_adapter_reads_replica_stats_and_holds_without_them() -> None:
 def test_unknown_policy_name_is_refused() -> None:
     with pytest.raises(ValidationError, match="policy"):
         TierScalingConfig.model_validate({"policy": "magic"})
+
+
+def test_stale_replica_reports_hold() -> None:
+    from ray.serve._private.common import TimeStampedValue
+
+    from maverick_serve.autoscaling.serve_policy import TierAutoscaler
+
+    scaler = TierAutoscaler("engine", CFG.model_dump(mode="json"))
+    old = {"running": {"r1": [TimeStampedValue(100.0 - 60, 40.0)]}}  # current_time is 100
+    n, state = scaler(_ctx(1, {"r1": 40.0}, {"r1": 0.0}, raw=old))
+    assert (n, state["reason"]) == (1, "hold:stale")
+
+
+def test_app_policy_starts_prefill_from_the_routers_count_inside_the_budget() -> None:
+    from maverick_serve.autoscaling.serve_policy import ClusterAutoscaler
+    from maverick_serve.config.autoscaling import AutoscalingConfig
+
+    cfg = AutoscalingConfig(
+        enabled=True,
+        gpu_budget=3,
+        budget_resource="fake_gpu",
+        engine=CFG.model_copy(update={"max_replicas": 3}),
+        prefill=TierScalingConfig(min_replicas=0, max_replicas=2, target_per_replica=1000.0),
+    )
+    scaler = ClusterAutoscaler(
+        {"Router": "router", "LlamaEngine": "engine", "LlamaPrefill": "prefill"},
+        cfg.model_dump(mode="json"),
+        {"router": 0.0, "engine": 1.0, "prefill": 1.0},
+    )
+    contexts = {
+        "Router": _ctx(
+            1, None, None, queued=10, name="Router", metrics={"prefill_tokens_per_s": {"a": 5000.0}}
+        ),
+        "LlamaEngine": _ctx(1, {"r1": 30.0}, {"r1": 10.0}),
+        "LlamaPrefill": _ctx(0, None, None, name="LlamaPrefill"),
+    }
+    out, state = scaler(contexts)
+    # engine wants 3 (panic on 40), prefill 2 (5000 tokens / 1000, step 2): 5 > 3 units; engines
+    # come first, so the budget leaves 2 engines + 1 prefill.
+    assert out == {"Router": 1, "LlamaEngine": 2, "LlamaPrefill": 1}
+    assert state["LlamaEngine"]["reason"] == "budget" and state["LlamaPrefill"]["reason"] == "budget"
+    assert state["LlamaPrefill"]["load"] == 5000.0

@@ -90,6 +90,21 @@ def _view(clock: Clock, loads: dict[str, dict[str, int]], cached: dict[str, list
     return view
 
 
+def test_a_replica_leaving_the_hub_is_dropped_by_routers_with_its_cache_entries() -> None:
+    clock = Clock()
+    hub = ReplicaStateHub(expiry_s=60.0, clock=clock)
+    hub.publish(_report("a", [1, 2], reset=True))
+    hub.publish(_report("b", [1], reset=True))
+    view = ClusterView(RoutingConfig(), clock=clock)
+    view.apply(hub.poll(None, 0))
+    b_bit = view.replicas["b"].bit
+    hub.leave("a")  # scale-down drained it: gone at once, not after expiry_s
+    view.apply(hub.poll(view.epoch, view.cursor))
+    assert set(view.replicas) == {"b"}
+    blocks = view.local.prefix_blocks([1, 2], 0b11)
+    assert blocks[b_bit] == 1 and sum(blocks.values()) == 1  # a's cached blocks left with it
+
+
 def test_policies_rank_by_their_scorers() -> None:
     clock = Clock()
     loads = {"a": {"waiting": 3, "queued_prefill_tokens": 3000}, "b": {}, "c": {"waiting": 4}}

@@ -1,38 +1,43 @@
-"""Across tiers: expert workers follow the engines, and all tiers share one GPU budget."""
+"""One GPU budget across tiers: lower the tiers' wishes until their GPUs fit."""
 
 from __future__ import annotations
 
-import math
-
-
-def experts_for_engines(engines: int, workers_per_engine: float, ep_group: int, lo: int, hi: int) -> int:
-    """Expert workers for `engines` engine replicas, in whole EP groups, within [lo, hi]."""
-    groups = math.ceil(engines * workers_per_engine / ep_group)
-    return max(lo, min(hi, groups * ep_group))
+from collections.abc import Sequence
 
 
 def fit_gpu_budget(
     desired: dict[str, int],
-    gpus_each: dict[str, float],
+    current: dict[str, int],
+    costs: dict[str, float],
     minimum: dict[str, int],
-    budget: float,
-    give_up_first: tuple[str, ...] = ("prefill", "engine", "experts"),
+    budget: float | None,
+    give_up_first: Sequence[str] = ("prefill", "engine", "router"),
 ) -> dict[str, int]:
-    """Lower tiers (in `give_up_first` order, one replica at a time) until their GPUs fit the
-    budget; never below a tier's minimum. Raises when the minimums alone do not fit."""
-    floor = sum(minimum.get(t, 0) * gpus_each.get(t, 0.0) for t in desired)
-    if floor > budget:
-        raise ValueError(f"the tiers' minimum replicas need {floor:g} GPUs, above the budget of {budget:g}")
-    out = dict(desired)
+    """The counts to ask for: every tier keeps what it holds or goes where it wants to go down to;
+    the budget left is then handed, one replica at a time and round robin, to the tiers that want
+    more, most important first (the reverse of `give_up_first`). A tier never takes replicas from
+    another to grow (that would make two tiers fight). Only when what the tiers hold already
+    exceeds the budget (it was lowered) are replicas taken back, in `give_up_first` order, never
+    below a tier's minimum."""
+    if budget is None:
+        return dict(desired)
+    limit = budget + 1e-9
+    out = {t: max(minimum.get(t, 0), min(n, current.get(t, n))) for t, n in desired.items()}
 
     def used() -> float:
-        return sum(n * gpus_each.get(t, 0.0) for t, n in out.items())
+        return sum(n * costs.get(t, 0.0) for t, n in out.items())
 
-    while used() > budget:
-        for tier in give_up_first:
-            if tier in out and out[tier] > minimum.get(tier, 0) and gpus_each.get(tier, 0.0) > 0:
-                out[tier] -= 1
-                break
-        else:  # only tiers without GPUs or at their minimum are left
-            break
+    while used() > limit:
+        shrinkable = [t for t in give_up_first if t in out and out[t] > minimum.get(t, 0) and costs.get(t)]
+        if not shrinkable:
+            break  # the minimums alone exceed the budget: the config validator refuses that
+        out[shrinkable[0]] -= 1
+    priority = [t for t in reversed(give_up_first) if t in out] + [t for t in out if t not in give_up_first]
+    grew = True
+    while grew:
+        grew = False
+        for tier in priority:
+            if out[tier] < desired[tier] and used() + costs.get(tier, 0.0) <= limit:
+                out[tier] += 1
+                grew = True
     return out

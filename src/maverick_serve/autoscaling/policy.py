@@ -25,12 +25,14 @@ class TierSignals:
     age_s: float = 0.0  # age of the newest report
     ttft_p95_s: float | None = None
     itl_p95_s: float | None = None
+    kv_usage: float | None = None  # mean KV-cache usage of the tier's replicas (engine)
+    waiting: float = 0.0  # requests queued for admission (engine)
 
 
 @dataclass(frozen=True)
 class Decision:
     replicas: int
-    reason: str  # hold:stale | hold:band | hold:cooldown | up:load | up:panic | up:slo | down:load | clamp
+    reason: str  # hold:stale|band|cooldown | up:load|panic|slo|kv | down:load | clamp | budget
 
 
 class AutoscalingPolicy(ABC):
@@ -80,6 +82,8 @@ class LoadTargetPolicy(AutoscalingPolicy):
             c.slo_itl_p95_s and (s.itl_p95_s or 0) > c.slo_itl_p95_s
         ):
             want, reason = current + 1, "up:slo"
+        elif c.kv_usage_high and (s.kv_usage or 0) > c.kv_usage_high and s.waiting > 0:
+            want, reason = current + 1, "up:kv"  # the KV cache, not the request count, is full
         elif current > 0 and stable < current * c.target_per_replica * (1 - c.down_band):
             # Never down to a count the window's peak would push straight back up (no flapping).
             peak = max(load for _, load in self.samples)

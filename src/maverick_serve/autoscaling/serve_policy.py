@@ -1,80 +1,227 @@
-"""Our policies as Ray Serve custom autoscaling policies (`AutoscalingConfig.policy`).
+"""Our policies inside Ray Serve's controller.
 
-Serve's controller builds `TierAutoscaler(**policy_kwargs)` once per deployment and calls it every
-control-loop tick with an `AutoscalingContext`; replicas feed it through `record_autoscaling_stats`
-(`EngineServer`: running, waiting, KV usage). The builder sets Serve's own delays to 0 so that
-the policy's cooldowns are the only hysteresis.
+`ClusterAutoscaler` is the application-level policy (`autoscaling_policy` of the Serve app in a
+config file, the chart's serveConfigV2 and `maverick-serve up`): it sees every scaled deployment
+at once, so it can feed the router's counts to the prefill tier and hold all tiers inside one GPU
+budget. `TierAutoscaler` is the same per-tier policy as a deployment-level policy, set by the
+builder so that an app started with `serve.run` (no app-level policy possible there) still scales
+each tier by our rules, without the shared budget. When both are present Serve runs the
+application-level one.
+
+Both are built once per app (or deployment) by Serve and called every control-loop tick with
+`AutoscalingContext`s; replicas feed them through `record_autoscaling_stats`. The builder sets
+Serve's own delays to 0, so the policy's cooldowns are the only hysteresis.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
-from maverick_serve.autoscaling.policy import LoadTargetPolicy, TierSignals
-from maverick_serve.config.autoscaling import TierScalingConfig
+from maverick_serve.autoscaling.budget import fit_gpu_budget
+from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy, TierSignals
+from maverick_serve.config.autoscaling import AutoscalingConfig, TierScalingConfig
 
-logger = logging.getLogger(__name__)
-POLICY_PATH = "maverick_serve.autoscaling.serve_policy:TierAutoscaler"
+# Under ray.serve so that decisions land in the controller's log (the dashboard's Serve view).
+logger = logging.getLogger("ray.serve.maverick.autoscaler")
+TIER_POLICY_PATH = "maverick_serve.autoscaling.serve_policy:TierAutoscaler"
+APP_POLICY_PATH = "maverick_serve.autoscaling.serve_policy:ClusterAutoscaler"
 
 
 class _DecisionMetrics:
     """maverick_autoscaler_desired_replicas{tier} and _decisions_total{tier,reason}, exported from
     Serve's controller through Ray's metrics agent (absent outside Ray: decisions are logged only)."""
 
-    def __init__(self, tier: str) -> None:
+    def __init__(self) -> None:
         from ray.util import metrics
 
-        self.tags = {"tier": tier}
         self.desired = metrics.Gauge(
             "maverick_autoscaler_desired_replicas", "Replicas the tier's policy asks for.", tag_keys=("tier",)
         )
+        self.load = metrics.Gauge(
+            "maverick_autoscaler_load",
+            "The load the tier's policy saw (tier's own unit).",
+            tag_keys=("tier",),
+        )
         self.decisions = metrics.Counter(
             "maverick_autoscaler_decisions_total",
-            "Autoscaling decisions by reason (up:*, down:*, hold:*, clamp).",
+            "Autoscaling decisions by reason (up:*, down:*, hold:*, clamp, budget).",
             tag_keys=("tier", "reason"),
         )
 
-    def record(self, replicas: int, reason: str) -> None:
-        self.desired.set(replicas, tags=self.tags)
-        self.decisions.inc(1, tags={**self.tags, "reason": reason})
+    def record(self, tier: str, replicas: int, reason: str, load: float | None) -> None:
+        self.desired.set(replicas, tags={"tier": tier})
+        if load is not None:
+            self.load.set(load, tags={"tier": tier})
+        self.decisions.inc(1, tags={"tier": tier, "reason": reason})
+
+
+def _metrics_or_none() -> _DecisionMetrics | None:
+    try:
+        return _DecisionMetrics()
+    except Exception:  # no Ray metrics agent (unit tests): decisions are still logged
+        return None
+
+
+def _values(ctx: Any, name: str) -> list[float]:
+    """The newest value of `name` per replica. Serve's aggregate is a mean over its look-back
+    period; the policy keeps its own windows, so it reads the raw series where there is one."""
+    series = (ctx.raw_metrics or {}).get(name) or {}
+    if series:
+        return [float(max(points, key=lambda p: p.timestamp).value) for points in series.values() if points]
+    return [float(v) for v in ((ctx.aggregated_metrics or {}).get(name) or {}).values()]
+
+
+def _age_s(ctx: Any, name: str, now: float) -> float:
+    """Age of the newest report of `name` across the deployment's replicas (0 when unknown)."""
+    series = (ctx.raw_metrics or {}).get(name) or {}
+    stamps = [p.timestamp for points in series.values() for p in points]
+    return max(0.0, now - max(stamps)) if stamps else 0.0
+
+
+def _now(ctx: Any) -> float:
+    return float(ctx.current_time) if ctx.current_time is not None else time.time()
+
+
+def engine_signals(ctx: Any, now: float) -> TierSignals:
+    running, waiting = _values(ctx, "running"), _values(ctx, "waiting")
+    load: float | None
+    if running:
+        load = sum(running) + sum(waiting)
+    elif ctx.current_num_replicas == 0:
+        load = float(ctx.total_num_requests or 0.0)  # no replica to report: Serve's handle queue
+    else:
+        load = None  # replicas that have not reported yet: hold
+    kv = _values(ctx, "kv_usage")
+    return TierSignals(
+        now=now,
+        replicas=ctx.target_num_replicas,
+        load=load,
+        age_s=_age_s(ctx, "running", now),
+        ttft_p95_s=max(_values(ctx, "ttft_p95_s"), default=None),
+        itl_p95_s=max(_values(ctx, "itl_p95_s"), default=None),
+        kv_usage=sum(kv) / len(kv) if kv else None,
+        waiting=sum(waiting),
+    )
+
+
+def router_signals(ctx: Any, now: float) -> TierSignals:
+    # Serve counts the requests its proxies' handles have queued or running on the routers.
+    return TierSignals(now=now, replicas=ctx.target_num_replicas, load=float(ctx.total_num_requests or 0.0))
+
+
+def prefill_signals(ctx: Any, now: float, router_ctx: Any | None) -> TierSignals:
+    """Long-prompt tokens per second. The routers count them whether or not prefill replicas
+    exist (without any, the engines prefill those prompts themselves), which is what lets the
+    tier start from zero; without the routers' view, what the prefill replicas compute is used."""
+    load: float | None
+    if router_ctx is not None and (demand := _values(router_ctx, "prefill_tokens_per_s")):
+        load, age = sum(demand), _age_s(router_ctx, "prefill_tokens_per_s", now)
+    elif own := _values(ctx, "prefill_tokens_per_s"):
+        load, age = sum(own), _age_s(ctx, "prefill_tokens_per_s", now)
+    elif ctx.current_num_replicas == 0:
+        load, age = 0.0, 0.0  # at zero with no demand reported: stays at zero
+    else:
+        load, age = None, 0.0
+    return TierSignals(now=now, replicas=ctx.target_num_replicas, load=load, age_s=age)
+
+
+def _log_change(tier: str, before: int, decision: Decision, load: float | None, last: str) -> None:
+    if decision.replicas != before or decision.reason != last:
+        logger.info(
+            "autoscaler %s: %d -> %d replicas (%s, load %s)",
+            tier,
+            before,
+            decision.replicas,
+            decision.reason,
+            load,
+        )
 
 
 class TierAutoscaler:
+    """Deployment-level: one tier, its own signals, no shared budget."""
+
     def __init__(self, tier: str, config: dict[str, Any]) -> None:
         self.tier = tier
         self.policy = LoadTargetPolicy(TierScalingConfig.model_validate(config))
         self.last_reason = ""
-        self.metrics: _DecisionMetrics | None
-        try:
-            self.metrics = _DecisionMetrics(tier)
-        except Exception:  # no Ray metrics agent (unit tests): decisions are still logged
-            self.metrics = None
+        self.metrics = _metrics_or_none()
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
-        running, waiting = metrics.get("running") or {}, metrics.get("waiting") or {}
-        load: float | None
-        if running:
-            load = float(sum(running.values()) + sum(waiting.values()))
-        elif ctx.current_num_replicas == 0:
-            load = float(ctx.total_num_requests or 0.0)  # no replica to report: Serve's handle queue
+        now = _now(ctx)
+        if self.tier == "engine":
+            signals = engine_signals(ctx, now)
+        elif self.tier == "prefill":
+            signals = prefill_signals(ctx, now, None)
         else:
-            load = None  # replicas that have not reported yet: hold
-        ttft = max((metrics.get("ttft_p95_s") or {}).values(), default=None)
-        now = ctx.current_time if ctx.current_time is not None else time.time()
-        decision = self.policy.decide(TierSignals(now, ctx.target_num_replicas, load, 0.0, ttft))
-        if decision.replicas != ctx.target_num_replicas or decision.reason != self.last_reason:
-            logger.info(
-                "autoscaler %s: %d -> %d replicas (%s, load %s)",
-                self.tier,
-                ctx.target_num_replicas,
-                decision.replicas,
-                decision.reason,
-                load,
-            )
+            signals = router_signals(ctx, now)
+        decision = self.policy.decide(signals)
+        _log_change(self.tier, ctx.target_num_replicas, decision, signals.load, self.last_reason)
         self.last_reason = decision.reason
         if self.metrics is not None:
-            self.metrics.record(decision.replicas, decision.reason)
-        return decision.replicas, {"reason": decision.reason, "load": load}
+            self.metrics.record(self.tier, decision.replicas, decision.reason, signals.load)
+        return decision.replicas, {"reason": decision.reason, "load": signals.load}
+
+
+class ClusterAutoscaler:
+    """Application-level: every tier's policy, then one GPU budget across them.
+
+    `deployments` maps the app's deployment names to tiers (router, engine, prefill); `costs` is
+    what one replica of each tier holds of `config.budget_resource` (an engine replica with its
+    expert workers). Deployments not in the map keep their count."""
+
+    def __init__(self, deployments: dict[str, str], config: dict[str, Any], costs: dict[str, float]) -> None:
+        self.cfg = AutoscalingConfig.model_validate(config)
+        self.tiers = dict(deployments)
+        self.costs = dict(costs)
+        self.policies = {tier: LoadTargetPolicy(getattr(self.cfg, tier)) for tier in self.tiers.values()}
+        self.last_reason: dict[str, str] = {}
+        self.metrics = _metrics_or_none()
+
+    def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
+        by_tier = {
+            self.tiers[ctx.deployment_name]: (dep, ctx)
+            for dep, ctx in contexts.items()
+            if ctx.deployment_name in self.tiers
+        }
+        router_ctx = by_tier.get("router", (None, None))[1]
+        decisions: dict[str, Decision] = {}
+        loads: dict[str, float | None] = {}
+        for tier, (_, ctx) in by_tier.items():
+            now = _now(ctx)
+            if tier == "engine":
+                signals = engine_signals(ctx, now)
+            elif tier == "prefill":
+                signals = prefill_signals(ctx, now, router_ctx)
+            else:
+                signals = router_signals(ctx, now)
+            decisions[tier], loads[tier] = self.policies[tier].decide(signals), signals.load
+        current = {tier: ctx.target_num_replicas for tier, (_, ctx) in by_tier.items()}
+        fitted = fit_gpu_budget(
+            {t: d.replicas for t, d in decisions.items()},
+            current,
+            self.costs,
+            {t: getattr(self.cfg, t).min_replicas for t in decisions},
+            self.cfg.gpu_budget,
+            self.cfg.give_up_first,
+        )
+        out: dict[Any, int] = {}
+        state: dict[Any, dict[str, Any]] = {}
+        for tier, (dep, _) in by_tier.items():
+            decision = decisions[tier]
+            if fitted[tier] != decision.replicas:
+                decision = Decision(fitted[tier], "budget")
+            _log_change(tier, current[tier], decision, loads[tier], self.last_reason.get(tier, ""))
+            self.last_reason[tier] = decision.reason
+            if self.metrics is not None:
+                self.metrics.record(tier, decision.replicas, decision.reason, loads[tier])
+            out[dep] = decision.replicas
+            state[dep] = {"reason": decision.reason, "load": loads[tier]}
+        return out, state
+
+
+def budget_units(counts: dict[str, int], costs: dict[str, float]) -> float:
+    """What `counts` replicas hold of the budget resource (for reports and tests)."""
+    return math.fsum(n * costs.get(t, 0.0) for t, n in counts.items())

@@ -1,4 +1,5 @@
-"""Autoscaling settings per tier: bounds, what one replica can carry, SLOs and the hysteresis."""
+"""Autoscaling settings per tier: bounds, what one replica can carry, SLOs, the hysteresis and
+one GPU budget shared by the tiers."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+TierName = Literal["prefill", "engine", "router"]
+
 
 class TierScalingConfig(BaseModel):
     """One tier's policy. Load is the tier's own unit (engine: running + waiting requests; prefill:
-    pending prefill tokens; router: ongoing requests); `target_per_replica` is what one replica
-    should carry."""
+    long-prompt tokens per second; router: ongoing requests); `target_per_replica` is what one
+    replica should carry."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -36,6 +39,12 @@ class TierScalingConfig(BaseModel):
     slo_itl_p95_s: float | None = Field(
         None, gt=0, description="Scale up while inter-token p95 is above this."
     )
+    kv_usage_high: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Scale up while the mean KV-cache usage is above this and requests wait (engine).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TierScalingConfig:
@@ -46,16 +55,51 @@ class TierScalingConfig(BaseModel):
         return self
 
 
+def _router_default() -> TierScalingConfig:
+    return TierScalingConfig(min_replicas=1, max_replicas=4, target_per_replica=128.0)
+
+
+def _prefill_default() -> TierScalingConfig:
+    # Scale to zero: without prefill replicas the engines prefill long prompts themselves.
+    return TierScalingConfig(min_replicas=0, max_replicas=4, target_per_replica=20000.0)
+
+
 class AutoscalingConfig(BaseModel):
-    """Our policies instead of fixed replica counts (off: `resources.*.replicas` stay fixed).
-    Today the engine tier is scaled; the other tiers keep their fixed counts."""
+    """Our policies instead of fixed replica counts (off: `resources.*.replicas` stay fixed)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(False, description="Scale engine replicas with the load-target policy.")
+    enabled: bool = Field(False, description="Scale the router, engine and prefill tiers with our policies.")
+    router: TierScalingConfig = Field(
+        default_factory=_router_default, description="Router replicas; load = ongoing HTTP requests."
+    )
     engine: TierScalingConfig = Field(
         default_factory=TierScalingConfig,
-        description="Engine replicas; load = running + waiting requests per replica.",
+        description="Engine replicas (each with its expert workers); load = running + waiting requests.",
+    )
+    prefill: TierScalingConfig = Field(
+        default_factory=_prefill_default,
+        description="Prefill replicas (with disaggregation); load = long-prompt tokens per second.",
+    )
+    gpu_budget: float | None = Field(
+        None,
+        gt=0,
+        description="Most `budget_resource` units all tiers together may ask for (None: only the "
+        "per-tier maximums bound them).",
+    )
+    budget_resource: str = Field(
+        "GPU",
+        min_length=1,
+        description="What the budget counts: GPU, or a custom resource that stands in for GPUs.",
+    )
+    give_up_first: list[TierName] = Field(
+        default_factory=lambda: list[TierName](["prefill", "engine", "router"]),
+        description="Order in which tiers give back replicas when their wishes exceed the budget.",
+    )
+    signal_window_s: float = Field(
+        30.0,
+        gt=0,
+        description="Window of the TTFT / inter-token p95 and of the long-prompt token rate replicas report.",
     )
     metrics_push_interval_s: float = Field(
         2.0, gt=0, description="How often replicas push their autoscaling stats to Serve's controller."

@@ -73,6 +73,12 @@ class ReplicaResources(BaseModel):
         description="Custom Ray resources per replica, e.g. the unit a worker group advertises so the "
         "replicas land on it (the Helm chart sets maverick-<tier>: 1).",
     )
+    graceful_shutdown_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A replica being stopped (scale-down, upgrade) gets this long to finish its "
+        "in-flight requests and streams; Serve sends it no new ones meanwhile.",
+    )
 
 
 class ResourcesConfig(BaseModel):
@@ -189,9 +195,46 @@ class ClusterConfig(BaseModel):
                 "disaggregation.enabled hands KV from prefill to decode replicas through a shared tier: "
                 "set kvtier.store.type: redis"
             )
+        a = self.autoscaling
+        if a.enabled and a.gpu_budget is not None:
+            costs, mins = self.scaling_costs(), self.scaling_minimums()
+            floor = sum(mins[t] * costs[t] for t in costs)
+            if floor > a.gpu_budget:
+                parts = ", ".join(f"{t} {mins[t]} x {costs[t]:g}" for t in costs if mins[t] * costs[t])
+                raise ValueError(
+                    f"autoscaling.gpu_budget={a.gpu_budget:g} {a.budget_resource} cannot hold the tiers' "
+                    f"min_replicas ({parts} = {floor:g}); raise it or lower autoscaling.*.min_replicas"
+                )
         if self.router.max_images_per_request > self.engine.max_images_per_request:
             raise ValueError(
                 f"router.max_images_per_request ({self.router.max_images_per_request}) exceeds "
                 f"engine.max_images_per_request ({self.engine.max_images_per_request})"
             )
         return self
+
+    def scaled_tiers(self) -> list[str]:
+        """Tiers the autoscaler sizes (prefill only exists with disaggregation)."""
+        return ["router", "engine", *(["prefill"] if self.disaggregation.enabled else [])]
+
+    def scaling_costs(self) -> dict[str, float]:
+        """`autoscaling.budget_resource` units one replica of each scaled tier holds; an engine
+        replica counts the expert workers it owns, so experts follow engines in whole EP groups."""
+        unit = self.autoscaling.budget_resource
+
+        def cost(r: ReplicaResources) -> float:
+            return r.num_gpus if unit == "GPU" else r.custom_resources.get(unit, 0.0)
+
+        x = self.experts
+        workers = 0.0
+        if x.mode == "disaggregated":
+            per = x.worker_num_gpus if unit == "GPU" else x.worker_custom_resources.get(unit, 0.0)
+            workers = x.ep_degree * per
+        tiers = {
+            "router": cost(self.resources.router),
+            "engine": cost(self.resources.engine) + workers,
+            "prefill": cost(self.disaggregation.prefill),
+        }
+        return {t: tiers[t] for t in self.scaled_tiers()}
+
+    def scaling_minimums(self) -> dict[str, int]:
+        return {t: getattr(self.autoscaling, t).min_replicas for t in self.scaled_tiers()}

@@ -74,6 +74,12 @@ class ReplicaStateHub:
             self.log.append((self.seq, event))
         return {"epoch": self.epoch, "need_reset": False}
 
+    def leave(self, replica: str) -> dict[str, Any]:
+        """A replica stopping on purpose (scale-down, upgrade): routers drop it and its cache
+        entries on their next poll instead of after `expiry_s`."""
+        self.replicas.pop(str(replica), None)  # routers forget replicas missing from `poll`
+        return {"epoch": self.epoch, "need_reset": False}
+
     def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]:
         self._expire()
         now = self.clock()

@@ -32,6 +32,9 @@ class StateChannel(ABC):
     @abstractmethod
     async def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]: ...
 
+    @abstractmethod
+    def leave(self, replica: str) -> None: ...
+
 
 class LocalStateChannel(StateChannel):
     """An in-process hub (tests, benchmarks)."""
@@ -47,6 +50,10 @@ class LocalStateChannel(StateChannel):
     async def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]:
         with self.lock:
             return self.hub.poll(epoch, cursor)
+
+    def leave(self, replica: str) -> None:
+        with self.lock:
+            self.hub.leave(replica)
 
 
 class HandleStateChannel(StateChannel):
@@ -64,6 +71,9 @@ class HandleStateChannel(StateChannel):
         result: dict[str, Any] = await self.handle.poll.remote(epoch, cursor)
         return result
 
+    def leave(self, replica: str) -> None:
+        self.handle.leave.remote(replica).result(timeout_s=self.timeout_s)
+
 
 class StatePublisher:
     def __init__(self, replica: str, engine: NativeEngine, channel: StateChannel, interval_s: float) -> None:
@@ -80,6 +90,7 @@ class StatePublisher:
         self.need_reset = True
         self.hub_epoch: str | None = None
         self.stop = threading.Event()
+        self.leaving = False
         self.thread = threading.Thread(target=self._run, name="state-publisher", daemon=True)
 
     def start(self) -> StatePublisher:
@@ -138,6 +149,19 @@ class StatePublisher:
                 failures += 1
                 if failures in (1, 10) or failures % 100 == 0:
                     logger.warning("replica state publish failed (%d in a row): %r", failures, exc)
+        if self.leaving:
+            try:
+                self.channel.leave(self.replica)
+            except Exception as exc:
+                logger.warning("could not leave the replica state hub: %r", exc)
 
     def close(self) -> None:
         self.stop.set()
+
+    def leave(self) -> None:
+        """Stop publishing and tell the hub this replica is gone (best effort: the hub expires
+        silent replicas anyway). The publisher thread sends it: a Serve handle must not be waited
+        on from the replica's event loop, where destructors run."""
+        self.leaving = True
+        self.close()
+        self.thread.join(timeout=self.interval_s + 3.0)

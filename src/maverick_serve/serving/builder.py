@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from maverick_serve.autoscaling.serve_policy import POLICY_PATH
+from maverick_serve.autoscaling.serve_policy import APP_POLICY_PATH, TIER_POLICY_PATH
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.routing.hub import ReplicaStateHub
 from maverick_serve.serving.engine_server import EngineServer
@@ -23,6 +23,7 @@ ROUTER_DEPLOYMENT = "Router"
 ENGINE_DEPLOYMENT = "LlamaEngine"
 PREFILL_DEPLOYMENT = "LlamaPrefill"
 STATE_HUB_DEPLOYMENT = "ReplicaStateHub"
+TIER_OF_DEPLOYMENT = {ROUTER_DEPLOYMENT: "router", ENGINE_DEPLOYMENT: "engine", PREFILL_DEPLOYMENT: "prefill"}
 RANKED_ROUTER = "maverick_serve.serving.request_router:RankedRequestRouter"
 
 
@@ -37,6 +38,7 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
         ROUTER_DEPLOYMENT: {
             "name": ROUTER_DEPLOYMENT,
             "num_replicas": r.replicas,
+            "graceful_shutdown_timeout_s": r.graceful_shutdown_timeout_s,
             "max_ongoing_requests": r.max_ongoing_requests,
             "ray_actor_options": {
                 "num_cpus": r.num_cpus,
@@ -48,6 +50,7 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
         ENGINE_DEPLOYMENT: {
             "name": ENGINE_DEPLOYMENT,
             "num_replicas": e.replicas,
+            "graceful_shutdown_timeout_s": e.graceful_shutdown_timeout_s,
             "max_ongoing_requests": e.max_ongoing_requests,
             "ray_actor_options": {
                 "num_cpus": e.num_cpus,
@@ -69,6 +72,7 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
         PREFILL_DEPLOYMENT: {
             "name": PREFILL_DEPLOYMENT,
             "num_replicas": p.replicas,
+            "graceful_shutdown_timeout_s": p.graceful_shutdown_timeout_s,
             "max_ongoing_requests": p.max_ongoing_requests,
             "ray_actor_options": {
                 "num_cpus": p.num_cpus,
@@ -80,36 +84,75 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
         },
     }
     if config.autoscaling.enabled:
-        engine = options[ENGINE_DEPLOYMENT]
-        scaling = engine_autoscaling(config)
-        del engine["num_replicas"]
-        engine["autoscaling_config"] = scaling["autoscaling_config"]
-        engine["ray_actor_options"]["runtime_env"] = {"env_vars": scaling["env_vars"]}
+        for name in scaled_deployments(config):
+            tier = TIER_OF_DEPLOYMENT[name]
+            scaling = tier_autoscaling(config, tier)
+            del options[name]["num_replicas"]
+            options[name]["autoscaling_config"] = scaling["autoscaling_config"]
+            options[name]["ray_actor_options"]["runtime_env"] = {"env_vars": scaling["env_vars"]}
     return options
 
 
-def engine_autoscaling(config: ClusterConfig) -> dict[str, Any]:
-    """Serve options that hand the engine's replica count to our policy (Serve's delays off)."""
+def scaled_deployments(config: ClusterConfig) -> list[str]:
+    tiers = config.scaled_tiers()
+    return [name for name, tier in TIER_OF_DEPLOYMENT.items() if tier in tiers]
+
+
+def tier_autoscaling(config: ClusterConfig, tier: str) -> dict[str, Any]:
+    """Serve options that hand a tier's replica count to our policy (Serve's delays off)."""
     a = config.autoscaling
+    t = getattr(a, tier)
     push = str(a.metrics_push_interval_s)
     return {
         "autoscaling_config": {
-            "min_replicas": a.engine.min_replicas,
-            "max_replicas": a.engine.max_replicas,
-            "initial_replicas": max(a.engine.min_replicas, 1),
+            "min_replicas": t.min_replicas,
+            "max_replicas": t.max_replicas,
+            # Prefill may start at zero; engines and routers start with one so the app is ready.
+            "initial_replicas": t.min_replicas if tier == "prefill" else max(t.min_replicas, 1),
             "upscale_delay_s": 0,
             "downscale_delay_s": 0,
             "downscale_to_zero_delay_s": 0,
-            "look_back_period_s": a.metrics_push_interval_s * 2,
-            "metrics_interval_s": a.metrics_push_interval_s,
+            # Only Serve's aggregate uses it (the policy reads the raw series and keeps its own
+            # windows); above Serve's 10 s default metrics interval, which it must exceed.
+            "look_back_period_s": max(a.metrics_push_interval_s * 2, 10.5),
             "policy": {
-                "policy_function": POLICY_PATH,
-                "policy_kwargs": {"tier": "engine", "config": a.engine.model_dump(mode="json")},
+                "policy_function": TIER_POLICY_PATH,
+                "policy_kwargs": {"tier": tier, "config": t.model_dump(mode="json")},
             },
         },
         # Replicas push their stats this often (Serve reads the interval from the environment).
         "env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": push},
     }
+
+
+def application_autoscaling_policy(config: ClusterConfig) -> dict[str, Any] | None:
+    """The app-level `autoscaling_policy` of the Serve application (None when autoscaling is off):
+    every tier in one policy, inside one GPU budget."""
+    if not config.autoscaling.enabled:
+        return None
+    return {
+        "policy_function": APP_POLICY_PATH,
+        "policy_kwargs": {
+            "deployments": {name: TIER_OF_DEPLOYMENT[name] for name in scaled_deployments(config)},
+            "config": config.autoscaling.model_dump(mode="json"),
+            "costs": config.scaling_costs(),
+        },
+    }
+
+
+def serve_application(config: ClusterConfig, route_prefix: str = "/") -> dict[str, Any]:
+    """The app as one entry of a Serve config file's `applications` (what `serve deploy`, the
+    dashboard's REST API and KubeRay's serveConfigV2 take)."""
+    app: dict[str, Any] = {
+        "name": config.app_name,
+        "route_prefix": route_prefix,
+        "import_path": "maverick_serve.serving.builder:app_builder",
+        "args": config.model_dump(mode="json"),
+    }
+    policy = application_autoscaling_policy(config)
+    if policy is not None:
+        app["autoscaling_policy"] = policy
+    return app
 
 
 def required_resources(config: ClusterConfig) -> dict[str, float]:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from maverick_serve.engine.inputs import InputProcessor
 from maverick_serve.engine.types import EngineRequest, EngineStats, ImageInput, InvalidRequestError
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
 from maverick_serve.serving.engine_factory import load_native_engine
+from maverick_serve.serving.latency_window import LatencyWindow
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ class EngineServer:
         except Exception:  # no Ray metrics agent (plain Python): stats stay readable via stats()
             logger.warning("Ray metrics unavailable; engine stats are not exported")
         self.latest_stats: EngineStats | None = None
+        window = cfg.autoscaling.signal_window_s
+        self.ttft = LatencyWindow(window)
+        self.itl = LatencyWindow(window)
+        self.pending_prompt_tokens = 0  # admitted here, first token not out yet
 
         def keep_stats(stats: EngineStats) -> None:
             self.latest_stats = stats  # read by record_autoscaling_stats on Serve's thread
@@ -95,12 +101,25 @@ class EngineServer:
                 images=[ImageInput(p.pixel_values, p.num_patch_tokens, p.content_hash) for p in processed],
             )
             first = True
-            async for out in self.runner.generate(request):
-                event = dataclasses.asdict(out)
-                if first:  # tells the router where the request runs
-                    event["replica"] = self.replica
-                    first = False
-                yield event
+            started = last = time.monotonic()
+            pending = len(work.prompt_token_ids)
+            self.pending_prompt_tokens += pending
+            try:
+                async for out in self.runner.generate(request):
+                    event = dataclasses.asdict(out)
+                    now = time.monotonic()
+                    if first:  # tells the router where the request runs
+                        event["replica"] = self.replica
+                        first = False
+                        self.pending_prompt_tokens -= pending
+                        pending = 0
+                        self.ttft.add(now - started)
+                    elif out.new_token_ids:
+                        self.itl.add((now - last) / len(out.new_token_ids))
+                    last = now
+                    yield event
+            finally:
+                self.pending_prompt_tokens -= pending
         except InvalidRequestError as exc:
             yield error_event(400, str(exc), exc.field, self.replica)
         except EngineDeadError as exc:
@@ -136,14 +155,24 @@ class EngineServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the engine tier's autoscaling policy reads (Serve calls this on every push)."""
         s = self.latest_stats
-        if s is None:
-            return {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
-        total = sum(s.kv_blocks_total.values()) or 1
-        return {
-            "running": float(s.running),
-            "waiting": float(s.waiting),
-            "kv_usage": sum(s.kv_blocks_used.values()) / total,
-        }
+        out = {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
+        if s is not None:
+            total = sum(s.kv_blocks_total.values()) or 1
+            out = {
+                "running": float(s.running),
+                "waiting": float(s.waiting),
+                "kv_usage": sum(s.kv_blocks_used.values()) / total,
+                "prefill_tokens_per_s": s.prefill_tokens_per_s,
+            }
+            if s.expert_imbalance is not None:  # disaggregated experts: how uneven the workers are
+                out["expert_imbalance"] = s.expert_imbalance
+                out["decode_tokens_per_s"] = s.decode_tokens_per_s
+        out["pending_prompt_tokens"] = float(self.pending_prompt_tokens)
+        # Absent (not 0) without samples: the policy's SLO guard then neither fires nor is fooled.
+        for name, window in (("ttft_p95_s", self.ttft), ("itl_p95_s", self.itl)):
+            if (p95 := window.p95()) is not None:
+                out[name] = p95
+        return out
 
     def check_health(self) -> None:
         """Serve's health check: a dead engine loop restarts the replica."""
@@ -152,8 +181,8 @@ class EngineServer:
 
     def __del__(self) -> None:
         publisher = getattr(self, "publisher", None)
-        if publisher is not None:
-            publisher.close()
+        if publisher is not None:  # Serve drained us (scale-down): our cache entries leave the hub
+            publisher.leave()
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.shutdown(timeout_s=1.0)

@@ -29,7 +29,7 @@ def load_config(path: Path | None) -> ClusterConfig:
     return ClusterConfig.model_validate(data)
 
 
-def _auth_headers() -> dict[str, str]:
+def dashboard_auth_headers() -> dict[str, str]:
     """Ray's dashboard takes a bearer token when token auth is on (Ray's default since 2.5x)."""
     token = os.environ.get("RAY_AUTH_TOKEN")
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -42,6 +42,37 @@ def _get_json(url: str, timeout: float = 2.0, headers: dict[str, str] | None = N
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def deploy_config(dashboard_url: str, config: ClusterConfig, timeout_s: float = 30.0) -> None:
+    """Deploy the app the way `serve deploy` and KubeRay do: its Serve config (with the app-level
+    autoscaling policy, which `serve.run` cannot carry) PUT to the dashboard's REST API."""
+    from maverick_serve.serving.builder import serve_application
+
+    body = {
+        "http_options": {"host": config.http.host, "port": config.http.port},
+        "applications": [serve_application(config)],
+    }
+    req = urllib.request.Request(
+        f"{dashboard_url.rstrip('/')}/api/serve/applications/",
+        data=json.dumps(body).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json", **dashboard_auth_headers()},
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:  # the dashboard's Serve module comes up a little after Ray
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404 or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"deploying {config.app_name} failed: {exc.read().decode()[-2000:]}"
+                ) from None
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def wait_ready(api_url: str, timeout_s: float, on_wait: Any = None) -> dict[str, Any]:
@@ -100,7 +131,10 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
             f"deploying {config.app_name}: router + {replicas} engine replica(s) of {config.model.path} ...",
             flush=True,
         )
-        serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+        if config.autoscaling.enabled:  # the app-level policy travels in a Serve config only
+            deploy_config(f"http://127.0.0.1:{http.dashboard_port}", config)
+        else:
+            serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
         api = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
         info = wait_ready(api, ready_timeout_s, on_wait=lambda: print(".", end="", flush=True))
         print(
@@ -123,7 +157,9 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
 def print_status(dashboard_url: str) -> int:
     """Applications, deployments, replica counts and states, from the dashboard's REST API."""
     try:
-        data = _get_json(f"{dashboard_url.rstrip('/')}/api/serve/applications/", 5.0, _auth_headers())
+        data = _get_json(
+            f"{dashboard_url.rstrip('/')}/api/serve/applications/", 5.0, dashboard_auth_headers()
+        )
     except (urllib.error.URLError, OSError) as exc:
         print(f"no Ray dashboard at {dashboard_url} ({exc}); is `maverick-serve up` running?")
         return 1

@@ -30,7 +30,9 @@ from maverick_serve.engine.types import SamplingParams
 from maverick_serve.routing.auth import ApiKeyAuth
 from maverick_serve.routing.dispatcher import Dispatcher, Opened
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel
+from maverick_serve.serving.latency_window import RateWindow
 from maverick_serve.serving.openai_format import Choice, ResponseFormatter, sse_data, usage
+from maverick_serve.serving.prefill_availability import PrefillAvailability
 from maverick_serve.serving.request_builder import RequestBuilder
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,14 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 class RouterServer:
-    def __init__(self, config: dict[str, Any], engine: Any, prefill: Any = None, hub: Any = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        engine: Any,
+        prefill: Any = None,
+        hub: Any = None,
+        prefill_deployment_name: str = "LlamaPrefill",
+    ) -> None:
         self.config = ClusterConfig.model_validate(config)
         assert self.config.model.path is not None, "the builder resolves model.path"
         self.builder = RequestBuilder(Path(self.config.model.path), self.config)
@@ -46,6 +55,14 @@ class RouterServer:
         self.prefill: EngineClient | None = None
         if prefill is not None:
             self.prefill = prefill if isinstance(prefill, EngineClient) else HandleEngineClient(prefill)
+        a = self.config.autoscaling
+        self.prefill_live = PrefillAvailability(
+            self.config.app_name,
+            prefill_deployment_name,
+            always=not (a.enabled and a.prefill.min_replicas == 0),
+        )
+        # Long prompts' tokens admitted here lately: the prefill tier's load, with or without replicas.
+        self.prefill_demand = RateWindow(a.signal_window_s)
         channel: StateChannel | None = None
         if hub is not None:
             channel = hub if isinstance(hub, StateChannel) else HandleStateChannel(hub)
@@ -165,12 +182,15 @@ class RouterServer:
             await self.dispatcher.start()
             items = self._work_items(rid, prompt, images, sampling, req.n)
             if self.prefill is not None and len(prompt) >= self.config.disaggregation.threshold_tokens:
-                handed = await asyncio.wait_for(
-                    self.prefill.prefill(items[0].model_dump()), deadline - loop.time()
-                )
-                if "error" in handed:
-                    err = handed["error"]
-                    raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
+                self.prefill_live.start()
+                self.prefill_demand.add(len(prompt))
+                if self.prefill_live.available():  # else the engine prefills it (tier at zero)
+                    handed = await asyncio.wait_for(
+                        self.prefill.prefill(items[0].model_dump()), deadline - loop.time()
+                    )
+                    if "error" in handed:
+                        err = handed["error"]
+                        raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
             opened = await asyncio.wait_for(self.dispatcher.open(items, cost), deadline - loop.time())
             for event in opened.firsts:
                 if "error" in event:
@@ -199,6 +219,10 @@ class RouterServer:
         finally:
             if opened is not None and not handed_off:
                 await self._close(opened, None)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the router and prefill tiers' policies read (Serve calls this on every push)."""
+        return {"prefill_tokens_per_s": self.prefill_demand.per_s()}
 
     async def _close(self, opened: Opened, choices: list[Choice] | None) -> None:
         """Close every stream (aborts engine requests still running) and settle accounting."""
