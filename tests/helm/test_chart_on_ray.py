@@ -69,6 +69,10 @@ def deployed(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     server.start()
     port, dash = free_port(), free_port()
     args = serve_cfg["applications"][0]["args"]
+    # The example turns our autoscaling on: Serve builds the app-level policy from this at deploy.
+    policy = serve_cfg["applications"][0]["autoscaling_policy"]
+    assert policy["policy_function"] == "maverick_serve.autoscaling.serve_policy:ClusterAutoscaler"
+    assert policy["policy_kwargs"]["cluster"] == args
     store = args["kvtier"]["store"]
     assert store["url"].startswith("redis://maverick-maverick-serve-redis.default.svc:6379/")
     store["url"] = f"redis://127.0.0.1:{server.port}/0"  # the release's Service, here

@@ -261,20 +261,22 @@ def test_stale_replica_reports_hold() -> None:
 
 def test_app_policy_starts_prefill_from_the_routers_count_inside_the_budget() -> None:
     from maverick_serve.autoscaling.serve_policy import ClusterAutoscaler
-    from maverick_serve.config.autoscaling import AutoscalingConfig
+    from maverick_serve.serving.builder import TIER_OF_DEPLOYMENT
 
-    cfg = AutoscalingConfig(
-        enabled=True,
-        gpu_budget=3,
-        budget_resource="fake_gpu",
-        engine=CFG.model_copy(update={"max_replicas": 3}),
-        prefill=TierScalingConfig(min_replicas=0, max_replicas=2, target_per_replica=1000.0),
-    )
-    scaler = ClusterAutoscaler(
-        {"Router": "router", "LlamaEngine": "engine", "LlamaPrefill": "prefill"},
-        cfg.model_dump(mode="json"),
-        {"router": 0.0, "engine": 1.0, "prefill": 1.0},
-    )
+    gpu = {"custom_resources": {"fake_gpu": 1}}
+    cluster = {
+        "kvtier": {"store": {"type": "redis"}},
+        "disaggregation": {"enabled": True, "prefill": gpu},
+        "resources": {"engine": gpu},
+        "autoscaling": {
+            "enabled": True,
+            "gpu_budget": 3,
+            "budget_resource": "fake_gpu",
+            "engine": CFG.model_copy(update={"max_replicas": 3}).model_dump(),
+            "prefill": {"min_replicas": 0, "max_replicas": 2, "target_per_replica": 1000.0},
+        },
+    }
+    scaler = ClusterAutoscaler(TIER_OF_DEPLOYMENT, cluster)
     contexts = {
         "Router": _ctx(
             1, None, None, queued=10, name="Router", metrics={"prefill_tokens_per_s": {"a": 5000.0}}

@@ -214,6 +214,16 @@ applications:
     import_path: maverick_serve.serving.builder:app_builder
     args:
 {{ include "maverick.appArgs" . | indent 6 }}
+{{- if ((.Values.cluster | default dict).autoscaling | default dict).enabled }}
+    # Our app-level policy sizes router, engine and prefill inside one GPU budget; Serve's
+    # unschedulable replicas then become KubeRay autoscaler demand (worker pods).
+    autoscaling_policy:
+      policy_function: maverick_serve.autoscaling.serve_policy:ClusterAutoscaler
+      policy_kwargs:
+        deployments: {Router: router, LlamaEngine: engine, LlamaPrefill: prefill}
+        cluster:
+{{ include "maverick.appArgs" . | indent 10 }}
+{{- end }}
 {{- end -}}
 
 {{/* Environment of every Ray container: secrets only through secretKeyRef. */}}

@@ -22,7 +22,8 @@ from typing import Any
 
 from maverick_serve.autoscaling.budget import fit_gpu_budget
 from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy, TierSignals
-from maverick_serve.config.autoscaling import AutoscalingConfig, TierScalingConfig
+from maverick_serve.config.autoscaling import TierScalingConfig
+from maverick_serve.config.cluster import ClusterConfig
 
 # Under ray.serve so that decisions land in the controller's log (the dashboard's Serve view).
 logger = logging.getLogger("ray.serve.maverick.autoscaler")
@@ -168,14 +169,16 @@ class TierAutoscaler:
 class ClusterAutoscaler:
     """Application-level: every tier's policy, then one GPU budget across them.
 
-    `deployments` maps the app's deployment names to tiers (router, engine, prefill); `costs` is
-    what one replica of each tier holds of `config.budget_resource` (an engine replica with its
-    expert workers). Deployments not in the map keep their count."""
+    `deployments` maps the app's deployment names to tiers (router, engine, prefill); `cluster`
+    is the app's `ClusterConfig` (the same args the app is built from), which gives the tiers'
+    settings and what one replica of each holds of the budget resource (an engine replica with
+    its expert workers). Deployments not in the map keep their count."""
 
-    def __init__(self, deployments: dict[str, str], config: dict[str, Any], costs: dict[str, float]) -> None:
-        self.cfg = AutoscalingConfig.model_validate(config)
-        self.tiers = dict(deployments)
-        self.costs = dict(costs)
+    def __init__(self, deployments: dict[str, str], cluster: dict[str, Any]) -> None:
+        config = ClusterConfig.model_validate(cluster)
+        self.cfg = config.autoscaling
+        self.costs = config.scaling_costs()
+        self.tiers = {name: tier for name, tier in deployments.items() if tier in self.costs}
         self.policies = {tier: LoadTargetPolicy(getattr(self.cfg, tier)) for tier in self.tiers.values()}
         self.last_reason: dict[str, str] = {}
         self.metrics = _metrics_or_none()

@@ -132,11 +132,7 @@ def application_autoscaling_policy(config: ClusterConfig) -> dict[str, Any] | No
         return None
     return {
         "policy_function": APP_POLICY_PATH,
-        "policy_kwargs": {
-            "deployments": {name: TIER_OF_DEPLOYMENT[name] for name in scaled_deployments(config)},
-            "config": config.autoscaling.model_dump(mode="json"),
-            "costs": config.scaling_costs(),
-        },
+        "policy_kwargs": {"deployments": TIER_OF_DEPLOYMENT, "cluster": config.model_dump(mode="json")},
     }
 
 
