@@ -160,15 +160,16 @@ def test_budget_that_cannot_hold_the_minimums_is_refused_at_build() -> None:
     ok = ClusterConfig.model_validate(
         {**base, "autoscaling": {"enabled": True, "budget_resource": "fake_gpu", "gpu_budget": 6}}
     )
-    assert ok.scaling_costs() == {"router": 0.0, "engine": 3.0}  # an engine and its 2 expert workers
-    with pytest.raises(ValidationError, match=re.escape("gpu_budget=5 fake_gpu cannot hold the tiers' min")):
+    assert ok.scaling_costs() == {"router": 0.0, "engine": 1.0}
+    assert ok.fixed_scaling_units() == 2.0  # the shared EP group of 2 expert workers
+    with pytest.raises(ValidationError, match=re.escape("gpu_budget=3 fake_gpu cannot hold the tiers' min")):
         ClusterConfig.model_validate(
             {
                 **base,
                 "autoscaling": {
                     "enabled": True,
                     "budget_resource": "fake_gpu",
-                    "gpu_budget": 5,
+                    "gpu_budget": 3,
                     "engine": {"min_replicas": 2},
                 },
             }
@@ -290,3 +291,18 @@ def test_app_policy_starts_prefill_from_the_routers_count_inside_the_budget() ->
     assert out == {"Router": 1, "LlamaEngine": 2, "LlamaPrefill": 1}
     assert state["LlamaEngine"]["reason"] == "budget" and state["LlamaPrefill"]["reason"] == "budget"
     assert state["LlamaPrefill"]["load"] == 5000.0
+
+
+def test_a_replica_too_busy_to_report_is_covered_by_serves_request_count() -> None:
+    from ray.serve._private.common import TimeStampedValue
+
+    from maverick_serve.autoscaling.serve_policy import engine_signals
+
+    old = {"running": {"r1": [TimeStampedValue(100.0 - 60, 1.0)]}}  # its last push is a minute old
+    signals = engine_signals(_ctx(1, {"r1": 1.0}, {"r1": 0.0}, queued=9, raw=old), now=100.0)
+    assert (signals.load, signals.age_s) == (9.0, 0.0)
+    fresh = {
+        "running": {"r1": [TimeStampedValue(99.5, 6.0)]},
+        "waiting": {"r1": [TimeStampedValue(99.5, 4.0)]},
+    }
+    assert engine_signals(_ctx(1, {}, {}, queued=3, raw=fresh), now=100.0).load == 10.0

@@ -10,7 +10,12 @@ import yaml
 from pydantic import ValidationError
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, deployment_options
+from maverick_serve.serving.builder import (
+    ENGINE_DEPLOYMENT,
+    ROUTER_DEPLOYMENT,
+    deployment_options,
+    serve_application,
+)
 
 DEPLOYMENTS = sorted((Path(__file__).parents[2] / "deployments").glob("*.yaml"))
 
@@ -31,6 +36,11 @@ def test_every_deployment_file_validates(path: Path) -> None:
         assert cfg.app_name == app["name"]
         opts = deployment_options(cfg)
         assert opts[ENGINE_DEPLOYMENT]["ray_actor_options"]["num_gpus"] == cfg.resources.engine.num_gpus
+        if "autoscaling_policy" in app:  # what `up` and the chart would write for these args
+            ours, theirs = serve_application(cfg)["autoscaling_policy"], app["autoscaling_policy"]
+            assert theirs["policy_function"] == ours["policy_function"]
+            assert theirs["policy_kwargs"]["deployments"] == ours["policy_kwargs"]["deployments"]
+            assert ClusterConfig.model_validate(theirs["policy_kwargs"]["cluster"]) == cfg
 
 
 def test_gpu_files_ask_for_gpus_and_local_runs_on_cpu() -> None:

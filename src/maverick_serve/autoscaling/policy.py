@@ -32,7 +32,7 @@ class TierSignals:
 @dataclass(frozen=True)
 class Decision:
     replicas: int
-    reason: str  # hold:stale|band|cooldown | up:load|panic|slo|kv | down:load | clamp | budget
+    reason: str  # hold:stale|band|cooldown | up:load|panic|peak|slo|kv | down:load | clamp | budget
 
 
 class AutoscalingPolicy(ABC):
@@ -88,7 +88,8 @@ class LoadTargetPolicy(AutoscalingPolicy):
             # Never down to a count the window's peak would push straight back up (no flapping).
             peak = max(load for _, load in self.samples)
             floor = math.ceil(peak / (c.target_per_replica * (1 + c.up_band)))
-            want, reason = max(math.ceil(stable / c.target_per_replica), floor), "down:load"
+            want = max(math.ceil(stable / c.target_per_replica), floor)
+            reason = "down:load" if want < current else "up:peak"
         if want > current:
             if reason != "up:panic" and s.now - self.last_up < c.upscale_cooldown_s:
                 return Decision(self._clamp(current), "hold:cooldown")

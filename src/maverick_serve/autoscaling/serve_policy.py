@@ -86,21 +86,27 @@ def _now(ctx: Any) -> float:
     return float(ctx.current_time) if ctx.current_time is not None else time.time()
 
 
-def engine_signals(ctx: Any, now: float) -> TierSignals:
+def engine_signals(ctx: Any, now: float, stale_after_s: float = 15.0) -> TierSignals:
+    """Running + waiting requests. Replicas report them with KV usage and latencies; Serve's own
+    count of requests the routers' handles have ongoing at the engines covers a replica too busy
+    to push its stats in time (a saturated engine is exactly when they lag) and a tier at zero."""
     running, waiting = _values(ctx, "running"), _values(ctx, "waiting")
+    age = _age_s(ctx, "running", now)
+    handled = float(ctx.total_num_requests or 0.0)
+    reported = sum(running) + sum(waiting) if running and age <= stale_after_s else None
     load: float | None
-    if running:
-        load = sum(running) + sum(waiting)
-    elif ctx.current_num_replicas == 0:
-        load = float(ctx.total_num_requests or 0.0)  # no replica to report: Serve's handle queue
+    if reported is not None:
+        load = max(reported, handled)
+    elif handled > 0 or ctx.current_num_replicas == 0:
+        load, age = handled, 0.0
     else:
-        load = None  # replicas that have not reported yet: hold
+        load = None  # no fresh report and nothing ongoing that Serve knows of: hold
     kv = _values(ctx, "kv_usage")
     return TierSignals(
         now=now,
         replicas=ctx.target_num_replicas,
         load=load,
-        age_s=_age_s(ctx, "running", now),
+        age_s=age,
         ttft_p95_s=max(_values(ctx, "ttft_p95_s"), default=None),
         itl_p95_s=max(_values(ctx, "itl_p95_s"), default=None),
         kv_usage=sum(kv) / len(kv) if kv else None,
@@ -153,7 +159,7 @@ class TierAutoscaler:
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         now = _now(ctx)
         if self.tier == "engine":
-            signals = engine_signals(ctx, now)
+            signals = engine_signals(ctx, now, self.policy.cfg.stale_after_s)
         elif self.tier == "prefill":
             signals = prefill_signals(ctx, now, None)
         else:
@@ -171,13 +177,17 @@ class ClusterAutoscaler:
 
     `deployments` maps the app's deployment names to tiers (router, engine, prefill); `cluster`
     is the app's `ClusterConfig` (the same args the app is built from), which gives the tiers'
-    settings and what one replica of each holds of the budget resource (an engine replica with
-    its expert workers). Deployments not in the map keep their count."""
+    settings and what one replica of each holds of the budget resource. Deployments not in the
+    map keep their count."""
 
     def __init__(self, deployments: dict[str, str], cluster: dict[str, Any]) -> None:
         config = ClusterConfig.model_validate(cluster)
         self.cfg = config.autoscaling
         self.costs = config.scaling_costs()
+        # The expert workers (one EP group shared by every engine replica) hold their part always.
+        self.budget = (
+            None if self.cfg.gpu_budget is None else self.cfg.gpu_budget - config.fixed_scaling_units()
+        )
         self.tiers = {name: tier for name, tier in deployments.items() if tier in self.costs}
         self.policies = {tier: LoadTargetPolicy(getattr(self.cfg, tier)) for tier in self.tiers.values()}
         self.last_reason: dict[str, str] = {}
@@ -195,7 +205,7 @@ class ClusterAutoscaler:
         for tier, (_, ctx) in by_tier.items():
             now = _now(ctx)
             if tier == "engine":
-                signals = engine_signals(ctx, now)
+                signals = engine_signals(ctx, now, self.cfg.engine.stale_after_s)
             elif tier == "prefill":
                 signals = prefill_signals(ctx, now, router_ctx)
             else:
@@ -207,7 +217,7 @@ class ClusterAutoscaler:
             current,
             self.costs,
             {t: getattr(self.cfg, t).min_replicas for t in decisions},
-            self.cfg.gpu_budget,
+            self.budget,
             self.cfg.give_up_first,
         )
         out: dict[Any, int] = {}

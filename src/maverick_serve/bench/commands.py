@@ -160,6 +160,58 @@ def cmd_bench_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_autoscale(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.autoscale_bench import (
+        DEFAULT_TRACE,
+        VARIANTS,
+        format_table,
+        results_json,
+        run_variant,
+        write_plot,
+    )
+    from maverick_serve.config.cluster import ClusterConfig
+
+    if args.min_replicas > args.max_replicas:
+        raise CLIError(f"--min-replicas ({args.min_replicas}) exceeds --max-replicas ({args.max_replicas})")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise CLIError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    model = args.model or default_tiny_model()
+    fast = {"stable_window_s": 6, "panic_window_s": 2, "upscale_cooldown_s": 2, "downscale_cooldown_s": 10}
+    base = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(model)},
+            "engine": {"kv_cache_memory_gib": 0.05, "num_threads": 1, "max_num_seqs": args.max_num_seqs},
+            "kvtier": {"enabled": False},
+            "resources": {
+                "engine": {"num_cpus": 1, "custom_resources": {"fake_gpu": 1}},
+                "check_cluster_fit": False,
+            },
+            "autoscaling": {
+                "metrics_push_interval_s": 0.5,
+                "signal_window_s": 5,
+                "router": {"min_replicas": 1, "max_replicas": 1},
+                "engine": {"target_per_replica": args.target_per_replica, **fast},
+            },
+        }
+    )
+    trace = tuple((seconds * args.trace_scale, rate) for seconds, rate in DEFAULT_TRACE)
+    results = []
+    for variant in args.variants:
+        print(f"{variant}: {sum(s for s, _ in trace):.0f} s bursty trace ...", flush=True)
+        results.append(
+            run_variant(
+                base, variant, args.min_replicas, args.max_replicas, trace, args.max_tokens, args.seed
+            )
+        )
+    print(format_table(results, args.slo_ttft_s))
+    plot = write_plot(results, args.plot, args.max_replicas)
+    print(f"plot: {plot}")
+    if args.json is not None:
+        args.json.write_text(results_json(results, args.slo_ttft_s))
+    return 0
+
+
 def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench", required=True
@@ -199,6 +251,29 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the served checkpoint: also split the overhead into router code vs Serve's hop",
     )
     bs.set_defaults(func=cmd_bench_serve)
+
+    ba = bench.add_parser(
+        "autoscale",
+        help="a bursty trace against fixed-min, fixed-max, Serve's default policy and ours: "
+        "SLO attainment, replica-seconds, time to scale up, failures, and a PNG",
+    )
+    ba.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    ba.add_argument(
+        "--variants",
+        type=lambda s: [v for v in s.split(",") if v],
+        default=["fixed-min", "fixed-max", "serve-default", "maverick"],
+    )
+    ba.add_argument("--min-replicas", type=positive, default=1)
+    ba.add_argument("--max-replicas", type=positive, default=3, help="also the 'GPUs' (fake_gpu) of the Ray")
+    ba.add_argument("--target-per-replica", type=float, default=2.0, help="running + waiting per engine")
+    ba.add_argument("--max-num-seqs", type=positive, default=2, help="engine batch slots (small: queues)")
+    ba.add_argument("--max-tokens", type=positive, default=32)
+    ba.add_argument("--slo-ttft-s", type=float, default=1.0, help="TTFT target of the attainment figure")
+    ba.add_argument("--trace-scale", type=float, default=1.0, help="stretch (>1) or shrink the trace")
+    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--plot", type=Path, default=Path(".cache/bench/autoscale.png"))
+    ba.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    ba.set_defaults(func=cmd_bench_autoscale)
 
     bx = bench.add_parser("experts", help="EP=1 vs EP=k expert workers: MoE time, decode tok/s, bytes moved")
     bx.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")

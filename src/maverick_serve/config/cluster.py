@@ -197,10 +197,11 @@ class ClusterConfig(BaseModel):
             )
         a = self.autoscaling
         if a.enabled and a.gpu_budget is not None:
-            costs, mins = self.scaling_costs(), self.scaling_minimums()
-            floor = sum(mins[t] * costs[t] for t in costs)
+            costs, mins, fixed = self.scaling_costs(), self.scaling_minimums(), self.fixed_scaling_units()
+            floor = fixed + sum(mins[t] * costs[t] for t in costs)
             if floor > a.gpu_budget:
                 parts = ", ".join(f"{t} {mins[t]} x {costs[t]:g}" for t in costs if mins[t] * costs[t])
+                parts += f", expert workers {fixed:g}" if fixed else ""
                 raise ValueError(
                     f"autoscaling.gpu_budget={a.gpu_budget:g} {a.budget_resource} cannot hold the tiers' "
                     f"min_replicas ({parts} = {floor:g}); raise it or lower autoscaling.*.min_replicas"
@@ -217,24 +218,28 @@ class ClusterConfig(BaseModel):
         return ["router", "engine", *(["prefill"] if self.disaggregation.enabled else [])]
 
     def scaling_costs(self) -> dict[str, float]:
-        """`autoscaling.budget_resource` units one replica of each scaled tier holds; an engine
-        replica counts the expert workers it owns, so experts follow engines in whole EP groups."""
+        """`autoscaling.budget_resource` units one replica of each scaled tier holds."""
         unit = self.autoscaling.budget_resource
 
         def cost(r: ReplicaResources) -> float:
             return r.num_gpus if unit == "GPU" else r.custom_resources.get(unit, 0.0)
 
-        x = self.experts
-        workers = 0.0
-        if x.mode == "disaggregated":
-            per = x.worker_num_gpus if unit == "GPU" else x.worker_custom_resources.get(unit, 0.0)
-            workers = x.ep_degree * per
         tiers = {
             "router": cost(self.resources.router),
-            "engine": cost(self.resources.engine) + workers,
+            "engine": cost(self.resources.engine),
             "prefill": cost(self.disaggregation.prefill),
         }
         return {t: tiers[t] for t in self.scaled_tiers()}
+
+    def fixed_scaling_units(self) -> float:
+        """Budget units held whatever the replica counts: the disaggregated expert workers, one EP
+        group of `experts.ep_degree` named actors that every engine replica shares."""
+        x, unit = self.experts, self.autoscaling.budget_resource
+        if x.mode != "disaggregated":
+            return 0.0
+        return x.ep_degree * (
+            x.worker_num_gpus if unit == "GPU" else x.worker_custom_resources.get(unit, 0.0)
+        )
 
     def scaling_minimums(self) -> dict[str, int]:
         return {t: getattr(self.autoscaling, t).min_replicas for t in self.scaled_tiers()}

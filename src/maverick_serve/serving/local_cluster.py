@@ -53,6 +53,12 @@ def deploy_config(dashboard_url: str, config: ClusterConfig, timeout_s: float = 
         "http_options": {"host": config.http.host, "port": config.http.port},
         "applications": [serve_application(config)],
     }
+    put_serve_config(dashboard_url, body, timeout_s)
+
+
+def put_serve_config(dashboard_url: str, body: dict[str, Any], timeout_s: float = 30.0) -> None:
+    """PUT a Serve config (`ServeDeploySchema` as JSON) to the dashboard, waiting for its Serve
+    module to come up (a little after Ray)."""
     req = urllib.request.Request(
         f"{dashboard_url.rstrip('/')}/api/serve/applications/",
         data=json.dumps(body).encode(),
@@ -60,15 +66,14 @@ def deploy_config(dashboard_url: str, config: ClusterConfig, timeout_s: float = 
         headers={"Content-Type": "application/json", **dashboard_auth_headers()},
     )
     deadline = time.monotonic() + timeout_s
-    while True:  # the dashboard's Serve module comes up a little after Ray
+    while True:
         try:
             with urllib.request.urlopen(req, timeout=timeout_s):
                 return
         except urllib.error.HTTPError as exc:
             if exc.code != 404 or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"deploying {config.app_name} failed: {exc.read().decode()[-2000:]}"
-                ) from None
+                detail = exc.read().decode()[-2000:]
+                raise RuntimeError(f"deploying the Serve config failed: {detail}") from None
         except (urllib.error.URLError, OSError):
             if time.monotonic() > deadline:
                 raise
