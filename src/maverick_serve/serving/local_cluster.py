@@ -131,7 +131,12 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
             http_options={"host": http.host, "port": http.port},
             logging_config={"enable_access_log": config.observability.access_log},
         )
-        replicas = config.resources.engine.replicas
+        e = config.autoscaling.engine
+        replicas = (
+            f"{e.min_replicas}-{e.max_replicas} (autoscaled)"
+            if config.autoscaling.enabled
+            else str(config.resources.engine.replicas)
+        )
         print(
             f"deploying {config.app_name}: router + {replicas} engine replica(s) of {config.model.path} ...",
             flush=True,
