@@ -251,3 +251,48 @@ def test_bench_router_decision_latency_indexes_every_block() -> None:
 
     p50, p99, keys = decision_latency(replicas=8, blocks_per_replica=2000, trials=200)
     assert keys == 16_000 and 0 < p50 <= p99
+
+
+def test_a_full_tier_waits_for_starting_replicas_instead_of_429() -> None:
+    from maverick_serve.model.image_processing import ImageProcessingConfig
+    from maverick_serve.routing.dispatcher import Dispatcher
+
+    cfg = ClusterConfig.model_validate(
+        {"router": {"routing": {"max_queue_per_replica": 4, "scale_up_wait_s": 0.6, "state_interval_s": 0.1}}}
+    )
+    starting = [True]
+    dispatcher = Dispatcher(
+        cfg, preset("tiny"), None, None, ImageProcessingConfig(), capacity_coming=lambda: starting[0]
+    )  # type: ignore[arg-type]
+    hub = ReplicaStateHub()
+    hub.publish(_report("a", reset=True, waiting=4))  # the only replica is full
+    dispatcher.view.apply(hub.poll(None, 0))
+    cost = dispatcher.price([1, 2, 3], [], None)
+
+    async def joins_later() -> str:
+        async def new_replica() -> None:
+            await asyncio.sleep(0.3)
+            hub.publish(_report("b", reset=True))  # the replica the autoscaler asked for is up
+            dispatcher.view.apply(hub.poll(dispatcher.view.epoch, dispatcher.view.cursor))
+
+        task = asyncio.create_task(new_replica())
+        decision = await dispatcher.choose_or_wait(cost)
+        await task
+        return decision.ranked[0]
+
+    assert asyncio.run(joins_later()) == "b"
+    hub.publish(_report("b", waiting=4))
+    dispatcher.view.apply(hub.poll(dispatcher.view.epoch, dispatcher.view.cursor))
+    start = asyncio.run(_timed(dispatcher, cost))  # still starting, none joins: 429 after the wait
+    assert 0.5 <= start < 2.0
+    starting[0] = False
+    assert asyncio.run(_timed(dispatcher, cost)) < 0.1  # nothing starting: 429 at once
+
+
+async def _timed(dispatcher: Any, cost: Any) -> float:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(APIError) as err:
+        await dispatcher.choose_or_wait(cost)
+    assert err.value.status == 429
+    return loop.time() - t0

@@ -50,6 +50,12 @@ class RoutingConfig(BaseModel):
         32, ge=1, description="Waiting requests a replica may hold; when every replica is full → 429."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After header of a 429.")
+    scale_up_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="When every engine replica is full but more are starting (autoscaling), wait "
+        "up to this long (within the request deadline) for one instead of answering 429.",
+    )
     max_retries: int = Field(
         2, ge=0, description="Retries on another replica when one fails before the first token."
     )

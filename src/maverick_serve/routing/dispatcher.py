@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +87,11 @@ class Dispatcher:
         engine: EngineClient,
         channel: StateChannel | None,
         image_cfg: ImageProcessingConfig,
+        capacity_coming: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = cfg
+        # True while more engine replicas are starting: a full tier then waits instead of 429.
+        self.capacity_coming = capacity_coming
         self.routing = cfg.router.routing
         self.engine = engine
         self.channel = channel
@@ -140,7 +143,6 @@ class Dispatcher:
             return Decision([], "no_state", 0)
         decision = self.policy.choose(self.view, cost)
         if decision is None:
-            self.metrics.rejection("all_replicas_full")
             raise APIError(
                 429,
                 f"every engine replica has {self.routing.max_queue_per_replica} requests waiting "
@@ -152,10 +154,25 @@ class Dispatcher:
         return decision
 
     # ---- delivery ---------------------------------------------------------------------------------
+    async def choose_or_wait(self, cost: RequestCost) -> Decision:
+        """`choose`, but while the tier is full and replicas are starting (the autoscaler asked
+        for them), wait for one up to `routing.scale_up_wait_s` instead of refusing."""
+        waited, step = 0.0, min(0.25, self.routing.state_interval_s)
+        while True:
+            try:
+                return self.choose(cost)
+            except APIError as exc:
+                coming = self.capacity_coming is not None and self.capacity_coming()
+                if exc.status != 429 or not coming or waited >= self.routing.scale_up_wait_s:
+                    self.metrics.rejection("all_replicas_full")
+                    raise
+            await asyncio.sleep(step)
+            waited += step
+
     async def open(self, items: list[EngineWorkItem], cost: RequestCost) -> Opened:
         retries = 0
         while True:
-            decision = self.choose(cost)
+            decision = await self.choose_or_wait(cost)
             predicted = decision.ranked[0] if decision.ranked else None
             uncached = max(0.0, cost.work - decision.predicted_hit_tokens) * len(items)
             image_work = cost.image_tokens + cost.vision_work

@@ -32,7 +32,7 @@ from maverick_serve.routing.dispatcher import Dispatcher, Opened
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel
 from maverick_serve.serving.latency_window import RateWindow
 from maverick_serve.serving.openai_format import Choice, ResponseFormatter, sse_data, usage
-from maverick_serve.serving.prefill_availability import PrefillAvailability
+from maverick_serve.serving.replica_watch import ReplicaWatch
 from maverick_serve.serving.request_builder import RequestBuilder
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class RouterServer:
         prefill: Any = None,
         hub: Any = None,
         prefill_deployment_name: str = "LlamaPrefill",
+        engine_deployment_name: str = "LlamaEngine",
     ) -> None:
         self.config = ClusterConfig.model_validate(config)
         assert self.config.model.path is not None, "the builder resolves model.path"
@@ -56,7 +57,10 @@ class RouterServer:
         if prefill is not None:
             self.prefill = prefill if isinstance(prefill, EngineClient) else HandleEngineClient(prefill)
         a = self.config.autoscaling
-        self.prefill_live = PrefillAvailability(
+        self.engine_replicas = ReplicaWatch(
+            self.config.app_name, engine_deployment_name, always=not a.enabled
+        )
+        self.prefill_live = ReplicaWatch(
             self.config.app_name,
             prefill_deployment_name,
             always=not (a.enabled and a.prefill.min_replicas == 0),
@@ -67,7 +71,12 @@ class RouterServer:
         if hub is not None:
             channel = hub if isinstance(hub, StateChannel) else HandleStateChannel(hub)
         self.dispatcher = Dispatcher(
-            self.config, self.builder.spec, self.engine, channel, self.builder.image_cfg
+            self.config,
+            self.builder.spec,
+            self.engine,
+            channel,
+            self.builder.image_cfg,
+            capacity_coming=self.engine_replicas.starting,
         )
         self.auth = ApiKeyAuth(self.config.router.auth)
         self.model_name = self.config.model.served_model_name
@@ -180,6 +189,7 @@ class RouterServer:
             cost = self.dispatcher.price(prompt, images, session)
             self.auth.admit(key, len(prompt) + (sampling.max_tokens or 0) * req.n)
             await self.dispatcher.start()
+            self.engine_replicas.start()
             items = self._work_items(rid, prompt, images, sampling, req.n)
             if self.prefill is not None and len(prompt) >= self.config.disaggregation.threshold_tokens:
                 self.prefill_live.start()
