@@ -197,7 +197,9 @@ async def replay(
     in_flight: list[int],
     t0: float,
 ) -> list[RequestRecord]:
-    rng = random.Random(seed)
+    # Arrivals and prompts from separate streams, so every variant replays the same arrival times
+    # however its requests interleave.
+    arrivals, prompts = random.Random(seed), random.Random(seed + 1)
     records: list[RequestRecord] = []
     tasks: list[asyncio.Task[None]] = []
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
@@ -206,7 +208,7 @@ async def replay(
         for seconds, rate in trace:
             t = phase_start
             while True:
-                t += rng.expovariate(rate)
+                t += arrivals.expovariate(rate)
                 if t >= phase_start + seconds:
                     break
                 delay = t - (time.monotonic() - t0)
@@ -214,7 +216,9 @@ async def replay(
                     await asyncio.sleep(delay)
                 rec = RequestRecord(start_s=time.monotonic() - t0)
                 records.append(rec)
-                tasks.append(asyncio.create_task(_one(client, model, rng, max_tokens, rec, in_flight, t0)))
+                tasks.append(
+                    asyncio.create_task(_one(client, model, prompts, max_tokens, rec, in_flight, t0))
+                )
             phase_start += seconds
         await asyncio.gather(*tasks)
     return records
