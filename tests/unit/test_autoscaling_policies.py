@@ -113,41 +113,28 @@ def test_bad_settings_are_refused(update: dict[str, float], field: str) -> None:
 
 def test_gpu_budget_is_never_exceeded_and_no_tier_takes_from_another() -> None:
     costs = {"engine": 8.0, "prefill": 4.0, "router": 0.0}
-    minimum = {"engine": 1, "prefill": 0, "router": 1}
-    order = ("prefill", "engine", "router")
+
+    def fit(want: tuple[int, int, int], have: tuple[int, int, int], budget: float) -> tuple[int, ...]:
+        tiers = ("engine", "prefill", "router")
+        out = fit_gpu_budget(
+            dict(zip(tiers, want, strict=True)),
+            dict(zip(tiers, have, strict=True)),
+            costs,
+            {"engine": 1, "prefill": 0, "router": 1},
+            budget,
+            ("prefill", "engine", "router"),
+        )
+        assert sum(n * costs[t] for t, n in out.items()) <= (budget or 1e9)
+        return tuple(out[t] for t in tiers)
+
     # Everyone wants more than fits: growth goes router, engine, prefill round robin inside 32.
-    out = fit_gpu_budget(
-        {"engine": 4, "prefill": 3, "router": 4},
-        {"engine": 1, "prefill": 0, "router": 1},
-        costs,
-        minimum,
-        32,
-        order,
-    )
-    assert out == {"engine": 3, "prefill": 2, "router": 4}
-    assert sum(n * costs[t] for t, n in out.items()) <= 32
+    assert fit((4, 3, 4), (1, 0, 1), 32) == (3, 2, 4)
     # Prefill holds 2 (8 units) and engines want a 4th: the 40 units do not fit, so engines wait;
     # prefill is not pushed down to make room (two tiers fighting would oscillate).
-    held = fit_gpu_budget(
-        {"engine": 4, "prefill": 2, "router": 1},
-        {"engine": 3, "prefill": 2, "router": 1},
-        costs,
-        minimum,
-        32,
-        order,
-    )
-    assert held == {"engine": 3, "prefill": 2, "router": 1}
+    assert fit((4, 2, 1), (3, 2, 1), 32) == (3, 2, 1)
     # The budget was lowered under what runs: prefill gives back first, never below minimums.
-    cut = fit_gpu_budget(
-        {"engine": 3, "prefill": 2, "router": 1},
-        {"engine": 3, "prefill": 2, "router": 1},
-        costs,
-        minimum,
-        16,
-        order,
-    )
-    assert cut == {"engine": 2, "prefill": 0, "router": 1}
-    assert fit_gpu_budget({"engine": 9}, {"engine": 1}, costs, minimum, None) == {"engine": 9}
+    assert fit((3, 2, 1), (3, 2, 1), 16) == (2, 0, 1)
+    assert fit_gpu_budget({"engine": 9}, {"engine": 1}, costs, {}, None) == {"engine": 9}
 
 
 def test_budget_that_cannot_hold_the_minimums_is_refused_at_build() -> None:
