@@ -16,7 +16,6 @@ Serve's own delays to 0, so the policy's cooldowns are the only hysteresis.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -135,6 +134,16 @@ def prefill_signals(ctx: Any, now: float, router_ctx: Any | None) -> TierSignals
     return TierSignals(now=now, replicas=ctx.target_num_replicas, load=load, age_s=age)
 
 
+def tier_signals(tier: str, ctx: Any, cfg: TierScalingConfig, router_ctx: Any | None) -> TierSignals:
+    """The signals of `tier` from its deployment's context (prefill also reads the routers')."""
+    now = _now(ctx)
+    if tier == "engine":
+        return engine_signals(ctx, now, cfg.stale_after_s)
+    if tier == "prefill":
+        return prefill_signals(ctx, now, router_ctx)
+    return router_signals(ctx, now)
+
+
 def _log_change(tier: str, before: int, decision: Decision, load: float | None, last: str) -> None:
     if decision.replicas != before or decision.reason != last:
         logger.info(
@@ -157,13 +166,7 @@ class TierAutoscaler:
         self.metrics = _metrics_or_none()
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        now = _now(ctx)
-        if self.tier == "engine":
-            signals = engine_signals(ctx, now, self.policy.cfg.stale_after_s)
-        elif self.tier == "prefill":
-            signals = prefill_signals(ctx, now, None)
-        else:
-            signals = router_signals(ctx, now)
+        signals = tier_signals(self.tier, ctx, self.policy.cfg, None)
         decision = self.policy.decide(signals)
         _log_change(self.tier, ctx.target_num_replicas, decision, signals.load, self.last_reason)
         self.last_reason = decision.reason
@@ -203,13 +206,7 @@ class ClusterAutoscaler:
         decisions: dict[str, Decision] = {}
         loads: dict[str, float | None] = {}
         for tier, (_, ctx) in by_tier.items():
-            now = _now(ctx)
-            if tier == "engine":
-                signals = engine_signals(ctx, now, self.cfg.engine.stale_after_s)
-            elif tier == "prefill":
-                signals = prefill_signals(ctx, now, router_ctx)
-            else:
-                signals = router_signals(ctx, now)
+            signals = tier_signals(tier, ctx, getattr(self.cfg, tier), router_ctx)
             decisions[tier], loads[tier] = self.policies[tier].decide(signals), signals.load
         current = {tier: ctx.target_num_replicas for tier, (_, ctx) in by_tier.items()}
         fitted = fit_gpu_budget(
@@ -233,8 +230,3 @@ class ClusterAutoscaler:
             out[dep] = decision.replicas
             state[dep] = {"reason": decision.reason, "load": loads[tier]}
         return out, state
-
-
-def budget_units(counts: dict[str, int], costs: dict[str, float]) -> float:
-    """What `counts` replicas hold of the budget resource (for reports and tests)."""
-    return math.fsum(n * costs.get(t, 0.0) for t, n in counts.items())

@@ -236,11 +236,9 @@ def run_variant(
     import ray
     from ray import serve
 
-    cfg, body = variant_config(base, variant, lo, hi)
     dash, port = free_port(), free_port()
-    cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"port": port})})
-    body["http_options"]["port"] = port
-    body["applications"][0]["args"]["http"]["port"] = port
+    base = base.model_copy(update={"http": base.http.model_copy(update={"port": port})})
+    cfg, body = variant_config(base, variant, lo, hi)
     ray.init(
         num_cpus=8,
         resources={"fake_gpu": hi},

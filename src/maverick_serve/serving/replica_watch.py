@@ -13,7 +13,6 @@ The counts come from Serve's public `serve.status()`, refreshed in the backgroun
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -66,10 +65,5 @@ class ReplicaWatch:
             try:
                 self.counts = await asyncio.to_thread(self.count, self.app, self.deployment)
             except Exception as exc:  # the controller restarting: keep the last count
-                logger.debug("prefill replica count unavailable: %r", exc)
+                logger.debug("replica count of %s unavailable: %r", self.deployment, exc)
             await asyncio.sleep(self.interval_s)
-
-    def close(self) -> None:
-        if self.task is not None:
-            with contextlib.suppress(RuntimeError):
-                self.task.cancel()
