@@ -285,10 +285,10 @@ def test_engine_stats_reach_prometheus(cluster: Any, client: openai.OpenAI) -> N
     text = ""
     while time.monotonic() < deadline:
         text = httpx.get(cluster.metrics_url, timeout=10).text
-        if "maverick_engine_generated_tokens" in text and "maverick_engine_kv_blocks_free" in text:
+        if "maverick_engine_generation_tokens_total" in text and "maverick_engine_kv_blocks_free" in text:
             break
         time.sleep(2)
-    lines = [ln for ln in text.splitlines() if ln.startswith("ray_maverick_engine_generated_tokens{")]
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_maverick_engine_generation_tokens_total{")]
     assert lines, text[:2000]
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) >= 4
     assert any('group="global"' in ln for ln in text.splitlines() if "maverick_engine_kv_blocks_free" in ln)

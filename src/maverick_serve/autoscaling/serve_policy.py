@@ -23,6 +23,8 @@ from maverick_serve.autoscaling.budget import fit_gpu_budget
 from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy, TierSignals
 from maverick_serve.config.autoscaling import TierScalingConfig
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.observability.catalogue import AUTOSCALER_METRICS
+from maverick_serve.observability.ray_metrics import MetricSet
 
 # Under ray.serve so that decisions land in the controller's log (the dashboard's Serve view).
 logger = logging.getLogger("ray.serve.maverick.autoscaler")
@@ -31,38 +33,22 @@ APP_POLICY_PATH = "maverick_serve.autoscaling.serve_policy:ClusterAutoscaler"
 
 
 class _DecisionMetrics:
-    """maverick_autoscaler_desired_replicas{tier} and _decisions_total{tier,reason}, exported from
-    Serve's controller through Ray's metrics agent (absent outside Ray: decisions are logged only)."""
+    """maverick_autoscaler_desired_replicas{tier}, _load{tier} and _decisions_total{tier,reason}
+    (catalogue specs), exported from Serve's controller through Ray's metrics agent."""
 
     def __init__(self) -> None:
-        from ray.util import metrics
-
-        self.desired = metrics.Gauge(
-            "maverick_autoscaler_desired_replicas", "Replicas the tier's policy asks for.", tag_keys=("tier",)
-        )
-        self.load = metrics.Gauge(
-            "maverick_autoscaler_load",
-            "The load the tier's policy saw (tier's own unit).",
-            tag_keys=("tier",),
-        )
-        self.decisions = metrics.Counter(
-            "maverick_autoscaler_decisions_total",
-            "Autoscaling decisions by reason (up:*, down:*, hold:*, clamp, budget).",
-            tag_keys=("tier", "reason"),
-        )
+        self.m = MetricSet(AUTOSCALER_METRICS)
 
     def record(self, tier: str, replicas: int, reason: str, load: float | None) -> None:
-        self.desired.set(replicas, tags={"tier": tier})
+        self.m.set("maverick_autoscaler_desired_replicas", replicas, {"tier": tier})
         if load is not None:
-            self.load.set(load, tags={"tier": tier})
-        self.decisions.inc(1, tags={"tier": tier, "reason": reason})
+            self.m.set("maverick_autoscaler_load", load, {"tier": tier})
+        self.m.inc("maverick_autoscaler_decisions", 1, {"tier": tier, "reason": reason})
 
 
 def _metrics_or_none() -> _DecisionMetrics | None:
-    try:
-        return _DecisionMetrics()
-    except Exception:  # no Ray metrics agent (unit tests): decisions are still logged
-        return None
+    metrics = _DecisionMetrics()
+    return metrics if metrics.m.enabled else None  # outside Ray decisions are still logged
 
 
 def _values(ctx: Any, name: str) -> list[float]:

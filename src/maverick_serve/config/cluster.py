@@ -14,6 +14,7 @@ from maverick_serve.config.autoscaling import AutoscalingConfig
 from maverick_serve.config.engine import EngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.config.kvtier import KVTierConfig
+from maverick_serve.config.observability import ObservabilityConfig
 from maverick_serve.config.routing import AuthConfig, RoutingConfig
 
 
@@ -127,18 +128,6 @@ class HttpConfig(BaseModel):
     )
     logical_cpus: int = Field(
         8, ge=1, description="Logical CPUs the local Ray claims, so replicas schedule on small machines."
-    )
-
-
-class ObservabilityConfig(BaseModel):
-    """Metrics and logs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    metrics_interval_s: float = Field(1.0, gt=0, description="How often engine replicas export their stats.")
-    log_level: str = Field("INFO", description="Python log level of replicas.")
-    access_log: bool = Field(
-        False, description="Serve's per-request access log lines (off: ~1 ms less per hop on small machines)."
     )
 
 

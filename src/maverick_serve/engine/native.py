@@ -5,6 +5,7 @@ It runs on CPU and CUDA through the same code (`EngineConfig.device`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from pathlib import Path
@@ -27,6 +28,7 @@ from maverick_serve.engine.types import (
     EngineStats,
     InvalidRequestError,
     RequestOutput,
+    RequestTiming,
     TokenLogprob,
     Usage,
 )
@@ -208,6 +210,7 @@ class NativeEngine(Engine):
             generator=gen,
             patch_positions=patch,
             image_spans=spans,
+            timing=RequestTiming(arrival=request.arrival_time),
         )
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -259,6 +262,8 @@ class NativeEngine(Engine):
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.output_ids.append(token)
+        if seq.timing.first_token is None:
+            seq.timing.first_token = time.monotonic()
         self._generated_total += 1
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
@@ -306,11 +311,13 @@ class NativeEngine(Engine):
             stop_reason=seq.stop_reason,
             usage=usage,
             logprobs=logprobs,
+            timing=dataclasses.replace(seq.timing) if finished else None,
         )
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         seq.status = Status.FINISHED
+        seq.timing.finished = time.monotonic()
         seq.image_features = None
         self.seqs.pop(seq.request_id, None)
 

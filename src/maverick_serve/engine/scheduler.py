@@ -9,6 +9,7 @@ oldest requests always make progress.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,9 +103,12 @@ class Scheduler:
                 hit = self.kv.longest_cached_prefix(hashes, seq.num_tokens - 1)
                 if not self.kv.can_allocate(seq.blocks, hit, min(seq.num_tokens, hit + budget)):
                     hit = 0
-                external = (
-                    self.external_prefix(seq, hit) if self.external_prefix and not seq.output_ids else 0
-                )
+                external = 0
+                if self.external_prefix and not seq.output_ids:
+                    probe = time.monotonic()
+                    external = self.external_prefix(seq, hit)
+                    seq.timing.tier_lookup_s += time.monotonic() - probe
+                    seq.timing.tier_hit_tokens = max(0, external - hit)
                 if external > hit:
                     hit = external  # the tier allocated and filled the blocks
                     self.kv.register_full_blocks(seq.blocks, hashes, hit)
@@ -122,6 +126,8 @@ class Scheduler:
             self.kv.allocate(seq.blocks, start, start + n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.timing.first_scheduled is None:
+                seq.timing.first_scheduled = time.monotonic()
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, start, n))
             budget -= n

@@ -9,7 +9,7 @@ import torch
 
 from maverick_serve.engine.detokenizer import IncrementalDetokenizer
 from maverick_serve.engine.kv_cache import BlockTables, chain_block_hashes
-from maverick_serve.engine.types import EngineRequest, FinishReason, TokenLogprob
+from maverick_serve.engine.types import EngineRequest, FinishReason, RequestTiming, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -44,6 +44,7 @@ class Sequence:
     tier_hashes: list[bytes] | None = None  # KV-tier block hashes of the prompt
     tier_stored: int = 0  # global-layer tier blocks already queued for storing
     tier_chunked_stored: bool = False
+    timing: RequestTiming = field(default_factory=lambda: RequestTiming(arrival=0.0))
 
     @property
     def request_id(self) -> str:

@@ -109,6 +109,19 @@ class Usage:
 
 
 @dataclass
+class RequestTiming:
+    """Where one request's time went inside the engine: `time.monotonic()` stamps of this
+    process, plus KV-tier work done for it on admission. Sent on the final output only."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    tier_lookup_s: float = 0.0  # EXISTS probe + MGET load of the tier prefix, on admission
+    tier_hit_tokens: int = 0
+
+
+@dataclass
 class RequestOutput:
     """A delta of one request: the tokens and text produced since the previous delta."""
 
@@ -120,6 +133,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
+    timing: RequestTiming | None = None
 
 
 class EngineStats(BaseModel):

@@ -24,6 +24,7 @@ from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.model.image_processing import ImageProcessingConfig, decode_image, pixel_content_hash
+from maverick_serve.observability.tracing import background_task, step
 from maverick_serve.routing.cost import CostModel, RequestCost
 from maverick_serve.routing.metrics import RouterMetrics
 from maverick_serve.routing.policy import Decision, make_policy
@@ -109,7 +110,7 @@ class Dispatcher:
         if self.channel is None:
             return
         if self._poller is None:
-            self._poller = asyncio.create_task(self._poll_loop())
+            self._poller = background_task(self._poll_loop())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._first_poll.wait(), timeout=1.0)
 
@@ -172,8 +173,16 @@ class Dispatcher:
     async def open(self, items: list[EngineWorkItem], cost: RequestCost) -> Opened:
         retries = 0
         while True:
-            decision = await self.choose_or_wait(cost)
-            predicted = decision.ranked[0] if decision.ranked else None
+            with step("router.choose", **{"maverick.route.policy": self.policy.name}) as span:
+                decision = await self.choose_or_wait(cost)
+                predicted = decision.ranked[0] if decision.ranked else None
+                span.set_attributes(
+                    {
+                        "maverick.route.reason": decision.reason,
+                        "maverick.route.replica": predicted or "serve",
+                        "maverick.route.predicted_hit_tokens": decision.predicted_hit_tokens,
+                    }
+                )
             uncached = max(0.0, cost.work - decision.predicted_hit_tokens) * len(items)
             image_work = cost.image_tokens + cost.vision_work
             if predicted is not None:

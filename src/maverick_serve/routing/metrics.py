@@ -1,16 +1,17 @@
 """Router metrics: decisions by policy and reason, predicted vs actual cache hits, queues,
-rejections and retries. Exported through `ray.util.metrics` when Ray runs, and always kept as
-plain counters (`RouterStats`) for tests and `bench router`."""
+rejections, retries, answers and latencies. Exported through `ray.util.metrics` when Ray runs
+(names in `observability.catalogue`), and always kept as plain counters (`RouterStats`) for tests
+and `bench router`."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
-logger = logging.getLogger(__name__)
-PREFIX = "maverick_router_"
+from maverick_serve.observability.catalogue import ROUTER_METRICS
+from maverick_serve.observability.ray_metrics import MetricSet
+
+P = "maverick_router_"
 
 
 @dataclass
@@ -23,41 +24,17 @@ class RouterStats:
     prompt_tokens: int = 0
     sent: Counter[str] = field(default_factory=Counter)  # replica → requests
     image_tokens: Counter[str] = field(default_factory=Counter)  # replica → image tokens
+    answered: Counter[int] = field(default_factory=Counter)  # HTTP status → responses
+    prefill_handoffs: Counter[str] = field(default_factory=Counter)  # outcome → requests
 
 
 class RouterMetrics:
+    """Router counters, kept in `stats` and exported from the catalogue's specs."""
+
     def __init__(self, policy: str) -> None:
         self.policy = policy
         self.stats = RouterStats()
-        self.ray: dict[str, Any] = {}
-        try:
-            from ray.util import metrics
-
-            self.ray = {
-                "decisions": metrics.Counter(
-                    PREFIX + "decisions_total", "Routing decisions.", tag_keys=("policy", "reason")
-                ),
-                "rejections": metrics.Counter(
-                    PREFIX + "rejections_total", "Requests refused (401, 429, 504).", tag_keys=("reason",)
-                ),
-                "retries": metrics.Counter(
-                    PREFIX + "retries_total", "Requests retried on another replica before the first token."
-                ),
-                "predicted": metrics.Counter(
-                    PREFIX + "predicted_hit_tokens_total", "Prompt tokens the policy expected to be cached."
-                ),
-                "actual": metrics.Counter(
-                    PREFIX + "actual_hit_tokens_total", "Prompt tokens the engine found cached."
-                ),
-                "prompt": metrics.Counter(PREFIX + "prompt_tokens_total", "Prompt tokens routed."),
-                "queue": metrics.Gauge(
-                    PREFIX + "replica_queue",
-                    "Waiting requests per engine replica, as this router sees them.",
-                    tag_keys=("replica",),
-                ),
-            }
-        except Exception:  # no Ray (plain Python): keep the in-process counters only
-            logger.debug("ray metrics unavailable for the router")
+        self.m = MetricSet(ROUTER_METRICS)
 
     def decision(self, reason: str, replica: str, predicted: int, prompt: int, image_tokens: int) -> None:
         s = self.stats
@@ -66,29 +43,37 @@ class RouterMetrics:
         s.prompt_tokens += prompt
         s.sent[replica] += 1
         s.image_tokens[replica] += image_tokens
-        if self.ray:
-            self.ray["decisions"].inc(1, {"policy": self.policy, "reason": reason})
-            if predicted:
-                self.ray["predicted"].inc(predicted)
-            if prompt:
-                self.ray["prompt"].inc(prompt)
+        self.m.inc(P + "decisions", 1, {"policy": self.policy, "reason": reason})
+        self.m.inc(P + "predicted_hit_tokens", predicted)
+        self.m.inc(P + "prompt_tokens", prompt)
 
     def actual_hit(self, tokens: int) -> None:
         self.stats.actual_hit_tokens += tokens
-        if self.ray and tokens:
-            self.ray["actual"].inc(tokens)
+        self.m.inc(P + "actual_hit_tokens", tokens)
 
     def rejection(self, reason: str) -> None:
         self.stats.rejections[reason] += 1
-        if self.ray:
-            self.ray["rejections"].inc(1, {"reason": reason})
+        self.m.inc(P + "rejections", 1, {"reason": reason})
 
     def retry(self) -> None:
         self.stats.retries += 1
-        if self.ray:
-            self.ray["retries"].inc(1)
+        self.m.inc(P + "retries", 1)
 
     def queues(self, queued: dict[str, int]) -> None:
-        if self.ray:
-            for replica, n in queued.items():
-                self.ray["queue"].set(n, {"replica": replica})
+        for replica, n in queued.items():
+            self.m.set(P + "replica_queue", n, {"replica": replica})
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """A response complete (the last byte of a stream); `route` is a fixed route name."""
+        self.stats.answered[status] += 1
+        self.m.inc(P + "requests", 1, {"route": route, "code": str(status)})
+        self.m.observe(P + "request_duration_seconds", seconds, {"route": route})
+
+    def first_token(self, route: str, seconds: float) -> None:
+        self.m.observe(P + "time_to_first_token_seconds", seconds, {"route": route})
+
+    def prefill_handoff(self, outcome: str, seconds: float | None = None) -> None:
+        self.stats.prefill_handoffs[outcome] += 1
+        self.m.inc(P + "prefill_handoffs", 1, {"outcome": outcome})
+        if seconds is not None:
+            self.m.observe(P + "prefill_handoff_seconds", seconds)

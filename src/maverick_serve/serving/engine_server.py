@@ -16,14 +16,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+
 from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.async_engine import AsyncEngine, EngineDeadError
 from maverick_serve.engine.inputs import InputProcessor
-from maverick_serve.engine.types import EngineRequest, EngineStats, ImageInput, InvalidRequestError
+from maverick_serve.engine.types import (
+    EngineRequest,
+    EngineStats,
+    ImageInput,
+    InvalidRequestError,
+    RequestOutput,
+    RequestTiming,
+)
+from maverick_serve.observability.tracing import record_span, span_attributes, tracer
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
 from maverick_serve.serving.engine_factory import load_native_engine
 from maverick_serve.serving.latency_window import LatencyWindow
+from maverick_serve.serving.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +46,33 @@ def _replica_name() -> str:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:  # outside Serve (tests, bench)
         return f"pid-{os.getpid()}"
+
+
+def _engine_spans(parent: Any, t: RequestTiming, out: RequestOutput) -> None:
+    """The engine stages of one request, from the engine's own stamps, under `parent`."""
+    ctx = trace.set_span_in_context(parent)
+    scheduled = t.first_scheduled if t.first_scheduled is not None else t.arrival
+    record_span("engine.queue", t.arrival, scheduled, parent=ctx)
+    if t.tier_lookup_s > 0:  # on admission, just before the request was first scheduled
+        record_span(
+            "kvtier.load",
+            scheduled - t.tier_lookup_s,
+            scheduled,
+            {"maverick.kvtier.hit_tokens": t.tier_hit_tokens},
+            parent=ctx,
+        )
+    if t.first_token is not None:
+        record_span("engine.prefill", scheduled, t.first_token, parent=ctx)
+        if t.finished is not None:
+            record_span("engine.decode", t.first_token, t.finished, parent=ctx)
+    usage = out.usage
+    parent.set_attributes(
+        {
+            "gen_ai.response.finish_reasons": [out.finish_reason or "abort"],
+            "gen_ai.usage.output_tokens": usage.completion_tokens if usage else 0,
+            "gen_ai.usage.cache_read.input_tokens": usage.cached_tokens if usage else 0,
+        }
+    )
 
 
 def error_event(
@@ -57,13 +95,10 @@ class EngineServer:
         self.engine = load_native_engine(model_dir, cfg.engine, cfg.experts, cfg.kvtier)
         self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
         self.replica = replica_name or _replica_name()
-        on_stats = None
-        try:
-            from maverick_serve.serving.metrics import EngineMetrics
-
-            on_stats = EngineMetrics(self.replica, cfg.model.served_model_name).record
-        except Exception:  # no Ray metrics agent (plain Python): stats stay readable via stats()
-            logger.warning("Ray metrics unavailable; engine stats are not exported")
+        self.metrics = EngineMetrics(self.replica, cfg.model.served_model_name)
+        on_stats = self.metrics.record if self.metrics.enabled else None
+        if on_stats is None:  # plain Python (tests, bench): stats stay readable via stats()
+            logger.info("Ray metrics unavailable; engine stats are not exported")
         self.latest_stats: EngineStats | None = None
         window = cfg.autoscaling.signal_window_s
         self.ttft = LatencyWindow(window)
@@ -102,8 +137,20 @@ class EngineServer:
             )
             first = True
             started = last = time.monotonic()
+            request.arrival_time = started
             pending = len(work.prompt_token_ids)
             self.pending_prompt_tokens += pending
+            span = tracer().start_span(
+                "engine.generate",
+                attributes=span_attributes(
+                    {
+                        "maverick.replica": self.replica,
+                        "gen_ai.request.max_tokens": work.sampling.max_tokens,
+                        "gen_ai.usage.input_tokens": pending,
+                        "maverick.images": len(work.images),
+                    }
+                ),
+            )
             try:
                 async for out in self.runner.generate(request):
                     event = dataclasses.asdict(out)
@@ -115,11 +162,18 @@ class EngineServer:
                         pending = 0
                         self.ttft.add(now - started)
                     elif out.new_token_ids:
-                        self.itl.add((now - last) / len(out.new_token_ids))
+                        gap = (now - last) / len(out.new_token_ids)
+                        self.itl.add(gap)
+                        self.metrics.token_gap(gap, len(out.new_token_ids))
                     last = now
+                    if out.timing is not None:
+                        self.metrics.request_finished(out.timing, out.finish_reason)
+                        if span.is_recording():
+                            _engine_spans(span, out.timing, out)
                     yield event
             finally:
                 self.pending_prompt_tokens -= pending
+                span.end()
         except InvalidRequestError as exc:
             yield error_event(400, str(exc), exc.field, self.replica)
         except EngineDeadError as exc:
@@ -138,7 +192,9 @@ class EngineServer:
             last = event
         if "error" in last:
             return last
+        stored = time.monotonic()
         await asyncio.to_thread(self.engine.kv_connector.flush)
+        record_span("kvtier.store", stored, time.monotonic(), {"maverick.tokens": len(work.prompt_token_ids)})
         return {"prompt_tokens": len(work.prompt_token_ids), "replica": self.replica}
 
     async def stats(self) -> dict[str, Any]:

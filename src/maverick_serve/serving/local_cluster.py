@@ -110,6 +110,10 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
     )
     # Engine replicas set their own torch threads; keep Ray's workers from oversubscribing cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Serve reads its tracing switch from each process's environment: set it before Ray starts
+    # so the proxy and every replica inherit it.
+    tracing = config.observability.tracing.resolve()
+    os.environ.update(tracing.environment())
     ray.init(
         num_cpus=http.logical_cpus,
         include_dashboard=True,
@@ -153,7 +157,11 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
         )
         print(f"  API:            {api}/v1  (OpenAI-compatible; try {api}/v1/models)")
         print(f"  Ray dashboard:  http://127.0.0.1:{http.dashboard_port}")
-        print(f"  Prometheus:     http://127.0.0.1:{http.metrics_export_port}/metrics")
+        print(
+            f"  Prometheus:     http://127.0.0.1:{http.metrics_export_port}/metrics  "
+            "(metric names: README, Operations; dashboards and alerts: ops/)"
+        )
+        print(f"  Traces:         {tracing.describe()}")
         print("  Ctrl-C stops the cluster.", flush=True)
         while not stop.wait(0.5):
             pass

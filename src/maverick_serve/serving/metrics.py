@@ -1,83 +1,73 @@
 """Engine replica metrics through `ray.util.metrics`, so they show on the Ray dashboard and its
-Prometheus endpoint. Names live here, in one place, for the Grafana dashboards to rely on."""
+Prometheus endpoint. Names, types, labels and buckets come from the catalogue
+(`observability.catalogue`); this module only maps engine stats and request timings onto them."""
 
 from __future__ import annotations
 
-from ray.util import metrics
+from collections import defaultdict
 
-from maverick_serve.engine.types import EngineStats
+from maverick_serve.engine.types import EngineStats, RequestTiming
+from maverick_serve.observability.catalogue import ENGINE_METRICS, KVTIER_METRICS
+from maverick_serve.observability.ray_metrics import CumulativeCounters, MetricSet
 
-PREFIX = "maverick_engine_"
+E = "maverick_engine_"
 
 
 class EngineMetrics:
     def __init__(self, replica: str, model: str) -> None:
-        self._tags = {"replica": replica, "model": model}
-        keys = ("replica", "model")
-        self.running = metrics.Gauge(
-            PREFIX + "requests_running", "Requests in the running batch.", tag_keys=keys
-        )
-        self.waiting = metrics.Gauge(
-            PREFIX + "requests_waiting", "Requests queued for admission.", tag_keys=keys
-        )
-        self.kv_used = metrics.Gauge(
-            PREFIX + "kv_blocks_used", "KV blocks held by requests.", tag_keys=(*keys, "group")
-        )
-        self.kv_free = metrics.Gauge(
-            PREFIX + "kv_blocks_free", "KV blocks free or evictable.", tag_keys=(*keys, "group")
-        )
-        self.prefill_tps = metrics.Gauge(
-            PREFIX + "prefill_tokens_per_second", "Prompt tokens/s (10 s window).", tag_keys=keys
-        )
-        self.decode_tps = metrics.Gauge(
-            PREFIX + "decode_tokens_per_second", "Generated tokens/s (10 s window).", tag_keys=keys
-        )
-        self.prefix_hits = metrics.Gauge(
-            PREFIX + "prefix_cache_hit_tokens",
-            "Prompt tokens served from the prefix cache (total).",
-            tag_keys=keys,
-        )
-        self.generated = metrics.Gauge(
-            PREFIX + "generated_tokens", "Tokens generated (total).", tag_keys=keys
-        )
-        self.expert_imbalance = metrics.Gauge(
-            PREFIX + "expert_imbalance_ratio",
-            "Max/mean expert-worker load over the load window (1 = even).",
-            tag_keys=keys,
-        )
-        self.expert_tokens = metrics.Gauge(
-            PREFIX + "expert_tokens",
-            "Tokens per routed expert over the load window.",
-            tag_keys=(*keys, "layer", "expert"),
-        )
-        self.kvtier = metrics.Gauge(
-            PREFIX + "kvtier",
-            "KV tier counters (totals) by `counter`: hit_tokens, "
-            "miss_tokens, bytes_in, bytes_out, load_seconds, store_seconds, blocks_stored, "
-            "dropped_stores, checksum_failures, errors.",
-            tag_keys=(*keys, "counter"),
-        )
-        self.preemptions = metrics.Gauge(
-            PREFIX + "preemptions", "Preemptions for lack of KV blocks (total).", tag_keys=keys
-        )
+        self.m = MetricSet(ENGINE_METRICS + KVTIER_METRICS, {"replica": replica, "model_name": model})
+        self.totals = CumulativeCounters()
+
+    @property
+    def enabled(self) -> bool:
+        return self.m.enabled
 
     def record(self, stats: EngineStats) -> None:
-        t = self._tags
-        self.running.set(stats.running, t)
-        self.waiting.set(stats.waiting, t)
+        """A periodic snapshot: gauges set, cumulative totals turned into counter increments."""
+        m, d = self.m, self.totals.delta
+        m.set(E + "num_requests_running", stats.running)
+        m.set(E + "num_requests_waiting", stats.waiting)
+        total = sum(stats.kv_blocks_total.values())
+        m.set(E + "kv_cache_usage_perc", sum(stats.kv_blocks_used.values()) / total if total else 0.0)
         for group, used in stats.kv_blocks_used.items():
-            self.kv_used.set(used, {**t, "group": group})
+            m.set(E + "kv_blocks_used", used, {"group": group})
         for group, free in stats.kv_blocks_free.items():
-            self.kv_free.set(free, {**t, "group": group})
-        self.prefill_tps.set(stats.prefill_tokens_per_s, t)
-        self.decode_tps.set(stats.decode_tokens_per_s, t)
-        self.prefix_hits.set(stats.prefix_cache_hit_tokens, t)
-        self.generated.set(stats.generated_tokens_total, t)
-        self.preemptions.set(stats.preemptions_total, t)
-        for counter, value in stats.kvtier.items():
-            self.kvtier.set(value, {**t, "counter": counter})
+            m.set(E + "kv_blocks_free", free, {"group": group})
+        m.set(E + "prefill_tokens_per_second", stats.prefill_tokens_per_s)
+        m.set(E + "decode_tokens_per_second", stats.decode_tokens_per_s)
+        m.inc(E + "prompt_tokens", d("prompt", stats.prompt_tokens_total))
+        # Every admitted prompt token is looked up in the prefix cache (vLLM counts the same way).
+        m.inc(E + "prefix_cache_queries", d("queries", stats.prompt_tokens_total))
+        m.inc(E + "prefix_cache_hits", d("hits", stats.prefix_cache_hit_tokens))
+        m.inc(E + "generation_tokens", d("generated", stats.generated_tokens_total))
+        m.inc(E + "num_preemptions", d("preemptions", stats.preemptions_total))
+        for key, value in stats.kvtier.items():
+            if "maverick_kvtier_" + key in m.specs:
+                m.inc("maverick_kvtier_" + key, d("kvtier_" + key, value))
         if stats.expert_imbalance is not None:
-            self.expert_imbalance.set(stats.expert_imbalance, t)
-        for layer, counts in stats.expert_tokens.items():
+            m.set(E + "expert_imbalance_ratio", stats.expert_imbalance)
+        per_expert: dict[int, float] = defaultdict(float)
+        for counts in stats.expert_tokens.values():  # summed over layers: 128 series, not 128 × layers
             for expert, count in enumerate(counts):
-                self.expert_tokens.set(count, {**t, "layer": str(layer), "expert": str(expert)})
+                per_expert[expert] += count
+        for expert, count in per_expert.items():
+            m.set(E + "expert_tokens", count, {"expert": str(expert)})
+
+    def request_finished(self, timing: RequestTiming, finish_reason: str | None) -> None:
+        """One request's latency histograms, from the engine's own stamps."""
+        m = self.m
+        m.inc(E + "request_success", 1, {"finished_reason": finish_reason or "abort"})
+        if timing.first_token is not None:
+            m.observe(E + "time_to_first_token_seconds", timing.first_token - timing.arrival)
+        if timing.finished is not None:
+            m.observe(E + "e2e_request_latency_seconds", timing.finished - timing.arrival)
+        if timing.first_scheduled is not None:
+            m.observe(E + "request_queue_time_seconds", timing.first_scheduled - timing.arrival)
+            if timing.first_token is not None:
+                m.observe(E + "request_prefill_time_seconds", timing.first_token - timing.first_scheduled)
+        if timing.first_token is not None and timing.finished is not None:
+            m.observe(E + "request_decode_time_seconds", timing.finished - timing.first_token)
+
+    def token_gap(self, seconds: float, tokens: int) -> None:
+        for _ in range(max(1, tokens)):
+            self.m.observe(E + "inter_token_latency_seconds", seconds)

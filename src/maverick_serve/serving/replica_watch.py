@@ -16,6 +16,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from maverick_serve.observability.tracing import background_task
+
 logger = logging.getLogger(__name__)
 
 
@@ -50,7 +52,7 @@ class ReplicaWatch:
 
     def start(self) -> None:
         if not self.always and self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._refresh())
+            self.task = background_task(self._refresh())
 
     def available(self) -> bool:
         """A replica runs (a prefill tier at zero is not available)."""

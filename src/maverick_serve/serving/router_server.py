@@ -27,8 +27,10 @@ from maverick_serve.api.errors import APIError, from_validation_error
 from maverick_serve.api.protocol import ChatCompletionRequest, CompletionRequest, EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.types import SamplingParams
+from maverick_serve.observability.tracing import RequestTrace, record_content, step
 from maverick_serve.routing.auth import ApiKeyAuth
 from maverick_serve.routing.dispatcher import Dispatcher, Opened
+from maverick_serve.routing.metrics import RouterMetrics
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel
 from maverick_serve.serving.latency_window import RateWindow
 from maverick_serve.serving.openai_format import Choice, ResponseFormatter, sse_data, usage
@@ -166,7 +168,29 @@ class RouterServer:
     async def _handle(
         self, request: Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
     ) -> Response:
+        chat = model is ChatCompletionRequest
+        answer = Answer(
+            RequestTrace("chat" if chat else "text_completion", self.model_name, {}),
+            "chat" if chat else "completions",
+            time.monotonic(),
+            self.dispatcher.metrics,
+        )
+        with answer.trace.activate():  # handle calls made meanwhile carry the trace to the engines
+            response = await self._respond(request, model, answer)
+        if (parent := answer.trace.traceparent()) is not None:
+            response.headers["traceparent"] = parent
+        if not answer.streaming:
+            answer.done(response.status_code)
+        return response
+
+    async def _respond(
+        self,
+        request: Request,
+        model: type[ChatCompletionRequest] | type[CompletionRequest],
+        answer: Answer,
+    ) -> Response:
         rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        answer.trace.set(**{"gen_ai.response.id": rid})
         headers = {REQUEST_ID_HEADER: rid} if self.echo_request_id else {}
         loop = asyncio.get_running_loop()
         timeout = self.config.router.request_timeout_s
@@ -174,19 +198,23 @@ class RouterServer:
         opened: Opened | None = None
         handed_off = False
         try:
-            key = self.auth.authenticate(request.headers.get("authorization"))
-            payload = await self._read_json(request)
-            try:
-                req = model.model_validate(payload)
-            except ValidationError as exc:
-                raise from_validation_error(exc) from None
-            sampling = self.builder.check_common(req)
-            if isinstance(req, ChatCompletionRequest):
-                prompt, images = await self.builder.chat_prompt(req)
-            else:
-                prompt, images = self.builder.completion_prompt(req), []
+            with step("router.parse"):
+                key = self.auth.authenticate(request.headers.get("authorization"))
+                payload = await self._read_json(request)
+                try:
+                    req = model.model_validate(payload)
+                except ValidationError as exc:
+                    raise from_validation_error(exc) from None
+                sampling = self.builder.check_common(req)
+                if isinstance(req, ChatCompletionRequest):
+                    prompt, images = await self.builder.chat_prompt(req)
+                else:
+                    prompt, images = self.builder.completion_prompt(req), []
+            answer.describe(req, sampling, prompt, images)
             session = request.headers.get(self.config.router.routing.session_header) or req.user
-            cost = self.dispatcher.price(prompt, images, session)
+            with step("router.price") as span:
+                cost = self.dispatcher.price(prompt, images, session)
+                span.set_attribute("maverick.route.image_tokens", cost.image_tokens)
             self.auth.admit(key, len(prompt) + (sampling.max_tokens or 0) * req.n)
             await self.dispatcher.start()
             self.engine_replicas.start()
@@ -195,13 +223,14 @@ class RouterServer:
                 self.prefill_live.start()
                 self.prefill_demand.add(len(prompt))
                 if self.prefill_live.available():  # else the engine prefills it (tier at zero)
-                    handed = await asyncio.wait_for(
-                        self.prefill.prefill(items[0].model_dump()), deadline - loop.time()
-                    )
-                    if "error" in handed:
-                        err = handed["error"]
-                        raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
-            opened = await asyncio.wait_for(self.dispatcher.open(items, cost), deadline - loop.time())
+                    await self._hand_off(items[0], req, deadline)
+                else:
+                    self.dispatcher.metrics.prefill_handoff("self")
+            with step("router.dispatch") as span:
+                opened = await asyncio.wait_for(self.dispatcher.open(items, cost), deadline - loop.time())
+                span.set_attributes(
+                    {"maverick.replica": opened.replica or "", "maverick.retries": opened.retries}
+                )
             for event in opened.firsts:
                 if "error" in event:
                     err = event["error"]
@@ -212,10 +241,10 @@ class RouterServer:
             kind = "chat" if isinstance(req, ChatCompletionRequest) else "completion"
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                body = self._sse(kind, rid, opened, include_usage, deadline)
-                handed_off = True
+                body = self._sse(kind, rid, opened, include_usage, deadline, answer)
+                handed_off = answer.streaming = True
                 return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-            result = await asyncio.wait_for(self._collect(kind, rid, opened), deadline - loop.time())
+            result = await asyncio.wait_for(self._collect(kind, rid, opened, answer), deadline - loop.time())
             return JSONResponse(result, headers=headers)
         except APIError as exc:
             if exc.status in (401, 429):
@@ -229,6 +258,25 @@ class RouterServer:
         finally:
             if opened is not None and not handed_off:
                 await self._close(opened, None)
+
+    async def _hand_off(self, item: EngineWorkItem, req: Any, deadline: float) -> None:
+        """Prefill on the prefill tier; its KV lands in the tier for the decode replica."""
+        assert self.prefill is not None
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        with step("prefill.handoff", **{"gen_ai.usage.input_tokens": len(item.prompt_token_ids)}):
+            try:
+                handed = await asyncio.wait_for(
+                    self.prefill.prefill(item.model_dump()), deadline - loop.time()
+                )
+            except BaseException:
+                self.dispatcher.metrics.prefill_handoff("error")
+                raise
+            if "error" in handed:
+                self.dispatcher.metrics.prefill_handoff("error")
+                err = handed["error"]
+                raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
+        self.dispatcher.metrics.prefill_handoff("ok", time.monotonic() - started)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the router and prefill tiers' policies read (Serve calls this on every push)."""
@@ -259,7 +307,7 @@ class RouterServer:
             )
         return items
 
-    async def _collect(self, kind: str, rid: str, opened: Opened) -> dict[str, Any]:
+    async def _collect(self, kind: str, rid: str, opened: Opened, answer: Answer) -> dict[str, Any]:
         async def drain(i: int) -> Choice:
             choice = Choice(i)
             choice.apply(opened.firsts[i])
@@ -277,6 +325,7 @@ class RouterServer:
 
         choices = list(await asyncio.gather(*(drain(i) for i in range(len(opened.streams)))))
         self.dispatcher.finished(opened, usage(choices)["prompt_tokens_details"])
+        answer.finish(choices)
         body = [
             self.format.choice_body(kind, c.index, "".join(c.text), c.logprobs, c.finish_reason)
             for c in choices
@@ -284,7 +333,7 @@ class RouterServer:
         return self.format.envelope(kind, rid, stream=False) | {"choices": body, "usage": usage(choices)}
 
     async def _sse(
-        self, kind: str, rid: str, opened: Opened, include_usage: bool, deadline: float
+        self, kind: str, rid: str, opened: Opened, include_usage: bool, deadline: float, answer: Answer
     ) -> AsyncIterator[str]:
         head = self.format.envelope(kind, rid, stream=True)
         queue: asyncio.Queue[tuple[int, dict[str, Any] | None]] = asyncio.Queue()
@@ -304,6 +353,7 @@ class RouterServer:
         tasks = [asyncio.create_task(pump(i)) for i in range(n)]
         choices = [Choice(i) for i in range(n)]
         loop = asyncio.get_running_loop()
+        status = 200
         try:
             if kind == "chat":
                 for i in range(n):
@@ -316,14 +366,17 @@ class RouterServer:
                 except TimeoutError:
                     self.dispatcher.metrics.rejection("deadline")
                     limit = self.config.router.request_timeout_s
+                    status = 504
                     yield sse_data(APIError(504, f"request exceeded router.request_timeout_s={limit}").body())
                     break
                 if event is None:
                     done += 1
                     continue
                 if "error" in event:
+                    status = int(event["error"]["status"])
                     yield sse_data(APIError(event["error"]["status"], event["error"]["message"]).body())
                     break
+                answer.first_token()
                 choices[i].apply(event)
                 finish = event["finish_reason"] if event["finished"] else None
                 body = self.format.choice_body(
@@ -337,6 +390,67 @@ class RouterServer:
             for t in tasks:
                 t.cancel()
             await self._close(opened, choices)
+            answer.finish(choices)
+            # A stream cut mid-way (client gone) counts as 499, the de-facto code for it.
+            answer.done(status if done == n or status != 200 else 499)
+
+
+class Answer:
+    """One API request's trace span and router metrics, settled once when the answer is complete
+    (the handler's return, or a stream's last byte)."""
+
+    def __init__(self, trace: RequestTrace, route: str, started: float, metrics: RouterMetrics) -> None:
+        self.trace = trace
+        self.route = route
+        self.started = started
+        self.metrics = metrics
+        self.streaming = False
+        self._first = False
+
+    def describe(self, req: Any, sampling: SamplingParams, prompt: list[int], images: list[bytes]) -> None:
+        self.trace.set(
+            **{
+                "gen_ai.request.max_tokens": sampling.max_tokens,
+                "gen_ai.request.temperature": sampling.temperature,
+                "gen_ai.request.top_p": sampling.top_p,
+                "gen_ai.request.top_k": sampling.top_k or None,
+                "gen_ai.request.seed": sampling.seed,
+                "gen_ai.request.stream": bool(req.stream),
+                "gen_ai.request.choice.count": req.n,
+                "gen_ai.usage.input_tokens": len(prompt),
+                "maverick.images": len(images),
+            }
+        )
+        if self.trace.recording and record_content():  # opted in: the prompt itself
+            messages = getattr(req, "messages", None)
+            text = json.dumps([m.model_dump(mode="json") for m in messages]) if messages else req.prompt
+            self.trace.set(**{"gen_ai.input.messages": str(text)[:65536]})
+
+    def first_token(self) -> None:
+        if not self._first:
+            self._first = True
+            self.metrics.first_token(self.route, time.monotonic() - self.started)
+
+    def finish(self, choices: list[Choice]) -> None:
+        u = usage(choices)
+        self.trace.set(
+            **{
+                "gen_ai.response.model": self.trace.model,
+                "gen_ai.response.finish_reasons": [c.finish_reason or "abort" for c in choices],
+                "gen_ai.usage.output_tokens": u["completion_tokens"],
+                "gen_ai.usage.cache_read.input_tokens": u["prompt_tokens_details"]["cached_tokens"],
+            }
+        )
+        if self.trace.recording and record_content():
+            self.trace.set(**{"gen_ai.output.messages": json.dumps(["".join(c.text) for c in choices])})
+
+    def done(self, status: int) -> None:
+        if self.trace.ended:
+            return
+        if not self.streaming:
+            self.first_token()  # a whole answer arrives at once: its first token is its last byte
+        self.metrics.answered(self.route, status, time.monotonic() - self.started)
+        self.trace.end(status)
 
 
 def _public_param(field: str | None, req: ChatCompletionRequest | CompletionRequest) -> str | None:
