@@ -45,6 +45,9 @@ class MetricSpec:
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
     vllm: str | None = None  # the vLLM series a recording rule re-exports this as
+    # Counters only: one label's closed set of values, exported at 0 from the start so rate()
+    # and absent() see the series before the first event (Ray shows a series once it has a sample).
+    seed: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def exported_name(self) -> str:
@@ -67,8 +70,9 @@ def _engine(
     extra: tuple[str, ...] = (),
     buckets: tuple[float, ...] = (),
     vllm: str | None = None,
+    seed: tuple[str, tuple[str, ...]] | None = None,
 ) -> MetricSpec:
-    return MetricSpec("maverick_engine_" + name, kind, unit, description, ENGINE + extra, buckets, vllm)
+    return MetricSpec("maverick_engine_" + name, kind, unit, description, ENGINE + extra, buckets, vllm, seed)
 
 
 ENGINE_METRICS = (
@@ -94,7 +98,8 @@ ENGINE_METRICS = (
     _engine("num_preemptions", "counter", "requests", "Requests preempted for lack of KV blocks.",
             vllm="vllm:num_preemptions_total"),
     _engine("request_success", "counter", "requests", "Requests finished, by finish reason.",
-            extra=("finished_reason",), vllm="vllm:request_success_total"),
+            extra=("finished_reason",), vllm="vllm:request_success_total",
+            seed=("finished_reason", ("stop", "length", "abort"))),
     _engine("time_to_first_token_seconds", "histogram", "s", "Arrival at the replica to first token.",
             buckets=TTFT_BUCKETS, vllm="vllm:time_to_first_token_seconds"),
     _engine("inter_token_latency_seconds", "histogram", "s", "Time between streamed tokens.",
@@ -142,7 +147,8 @@ ROUTER_METRICS = (
     MetricSpec("maverick_router_decisions", "counter", "requests",
                "Routing decisions by policy and the reason that picked the replica.", ("policy", "reason")),
     MetricSpec("maverick_router_rejections", "counter", "requests",
-               "Requests refused (401, 429, 504) by reason.", ("reason",)),
+               "Requests refused (401, 429, 504) by reason.", ("reason",),
+               seed=("reason", ("overloaded", "deadline"))),
     MetricSpec("maverick_router_retries", "counter", "requests",
                "Requests retried on another replica before the first token."),
     MetricSpec("maverick_router_predicted_hit_tokens", "counter", "tokens",
@@ -154,7 +160,7 @@ ROUTER_METRICS = (
                "Waiting requests per engine replica, as this router sees them.", ("replica",)),
     MetricSpec("maverick_router_prefill_handoffs", "counter", "requests",
                "Long prompts sent to the prefill tier, by outcome (ok, error, self: engine prefilled).",
-               ("outcome",)),
+               ("outcome",), seed=("outcome", ("ok", "error", "self"))),
     MetricSpec("maverick_router_prefill_handoff_seconds", "histogram", "s",
                "Prefill hand-off: the prefill replica computed and stored the prompt's KV.", (),
                REQUEST_LATENCY_BUCKETS),
@@ -172,7 +178,8 @@ AUTOSCALER_METRICS = (
 TRACING_METRICS = (
     MetricSpec("maverick_tracing_spans_exported", "counter", "spans", "Spans the OTLP exporter delivered."),
     MetricSpec("maverick_tracing_spans_dropped", "counter", "spans",
-               "Spans dropped (export queue full, or the endpoint failed), by reason.", ("reason",)),
+               "Spans dropped (export queue full, or the endpoint failed), by reason.", ("reason",),
+               seed=("reason", ("queue_full", "export_failed"))),
 )  # fmt: skip
 
 CATALOGUE: tuple[MetricSpec, ...] = (

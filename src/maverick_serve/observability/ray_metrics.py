@@ -3,6 +3,7 @@ type, label or bucket that the catalogue (and so the dashboards and alerts) does
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,6 +37,21 @@ class MetricSet:
             if self.default_tags:
                 m.set_default_tags({k: v for k, v in self.default_tags.items() if k in s.labels})
             self._metrics[s.name] = m
+            if s.kind == "counter":
+                self._seed(s, m)
+
+    def _seed(self, spec: MetricSpec, metric: Any) -> None:
+        """Counters at 0 from the start where every label value is known (default tags, plus the
+        spec's seed label). Ray's public inc() refuses 0, so this records through _record, the
+        call inc() itself ends in; a Ray without it only loses the early zero."""
+        free = [label for label in spec.labels if label not in self.default_tags]
+        seed_label, values = spec.seed or ("", ())
+        if free and free != [seed_label]:
+            return
+        tag_sets = [{seed_label: v} for v in values] if free else [{}]
+        for tags in tag_sets:
+            with contextlib.suppress(Exception):
+                metric._record(0.0, tags=tags or None)
 
     @property
     def enabled(self) -> bool:
