@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,11 @@ from chart_helpers import EXAMPLES, NAMESPACE, RELEASE, ROOT, helm_template, ren
 
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.helm_values import HelmValues
+from maverick_serve.config.observability import TracingConfig
 from maverick_serve.kube.chart import CHART_DIR
 from maverick_serve.kube.check import check_values
 from maverick_serve.kube.values_docs import schema_text, values_table
+from ops_queries import OPS, rule_groups
 
 CRDS = ROOT.parent / "shared" / "crds"
 GOLDEN = Path(__file__).parent / "golden"
@@ -108,6 +109,14 @@ def _check_uncatalogued(doc: dict[str, Any]) -> None:
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
         assert spec["podMetricsEndpoints"][0]["port"] == "metrics"
         assert spec["selector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+    elif doc["kind"] == "PrometheusRule":
+        # The chart's rules are ops/prometheus's rule files, group for group.
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert spec["groups"] == rule_groups()
+        assert {r["alert"] for g in spec["groups"] for r in g["rules"] if "alert" in r} >= {
+            "MaverickAvailabilityBurnRateFast",
+            "MaverickEngineMetricsAbsent",
+        }
     else:
         raise AssertionError(f"no check for {doc['apiVersion']} {doc['kind']}")
 
@@ -259,26 +268,53 @@ def test_no_secret_value_in_args_env_or_config(helm: str, example: Path) -> None
             assert not re.search(r"requirepass \S+[^\"]$", " ".join(c.get("args") or [])), c["name"]
 
 
-def test_dashboards_and_rules_appear_once_ops_has_them(helm: str, tmp_path: Path) -> None:
-    chart = tmp_path / "maverick-serve"
-    shutil.copytree(CHART_DIR, chart, symlinks=False, ignore=shutil.ignore_patterns("examples"))
-    (chart / "files" / "grafana").mkdir(parents=True, exist_ok=True)
-    (chart / "files" / "prometheus").mkdir(parents=True, exist_ok=True)
-    (chart / "files" / "grafana" / "engine.json").write_text('{"title": "Engine", "panels": []}')
-    rule = {"groups": [{"name": "maverick", "rules": [{"alert": "Down", "expr": "up == 0"}]}]}
-    (chart / "files" / "prometheus" / "alerts.rules.yaml").write_text(yaml.safe_dump(rule))
-    cmd = [helm, "template", RELEASE, str(chart), "-n", NAMESPACE]
+def test_dashboards_and_rules_come_from_ops(helm: str) -> None:
+    """With monitoring on, one ConfigMap per ops/grafana dashboard and one PrometheusRule holding
+    every group of ops/prometheus/*.rules.yaml; with it off, neither."""
+    cmd = [helm, "template", RELEASE, str(CHART_DIR), "-n", NAMESPACE]
     on = ["--set", "monitoring.dashboards.enabled=true", "--set", "monitoring.prometheusRule.enabled=true"]
     docs = [
         d for d in yaml.safe_load_all(subprocess.run(cmd + on, capture_output=True, text=True).stdout) if d
     ]
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["engine.json"])["title"] == "Engine"
+    maps = {k: v for d in docs if d["kind"] == "ConfigMap" for k, v in d["data"].items()}
+    boards = {p.name: p.read_text() for p in (OPS / "grafana").glob("*.json")}
+    assert len(boards) == 5 and {k: json.loads(v) for k, v in maps.items()} == {
+        k: json.loads(v) for k, v in boards.items()
+    }
+    for d in docs:
+        if d["kind"] == "ConfigMap":
+            assert d["metadata"]["labels"]["grafana_dashboard"] == "1"
     (pr,) = [d for d in docs if d["kind"] == "PrometheusRule"]
-    assert pr["spec"]["groups"] == rule["groups"]
+    assert pr["spec"]["groups"] == rule_groups()
     plain = [d for d in yaml.safe_load_all(subprocess.run(cmd, capture_output=True, text=True).stdout) if d]
     assert not [d for d in plain if d["kind"] in ("ConfigMap", "PrometheusRule")]
+
+
+def test_tracing_env_on_every_ray_container_matches_the_config(helm: str, tmp_path: Path) -> None:
+    """The chart turns tracing on in each pod exactly as `maverick-serve up` does locally."""
+    tracing = {"enabled": True, "endpoint": "http://otel-collector.monitoring:4318", "sampling_ratio": 0.0}
+    values = tmp_path / "tracing.yaml"
+    values.write_text(yaml.safe_dump({"cluster": {"observability": {"tracing": tracing}}}))
+    docs = render_docs(helm, ROOT / "helm/maverick-serve/examples/tiny-cpu.yaml", values)
+    want = TracingConfig.model_validate(tracing).resolve({}).environment()
+    assert want["RAY_SERVE_TRACING_SAMPLING_RATIO"] == "0.0"  # 0 is a ratio, not "unset"
+    (svc,) = [d for d in docs if d["kind"] == "RayService"]
+    spec = svc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            got = {k: env.get(k) for k in want}
+            assert {k: _num(v) for k, v in got.items()} == {k: _num(v) for k, v in want.items()}, c["name"]
+    plain = render_docs(helm, ROOT / "helm/maverick-serve/examples/tiny-cpu.yaml")
+    assert "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH" not in json.dumps(plain)
+
+
+def _num(v: str | None) -> object:
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return v
 
 
 def test_security_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:

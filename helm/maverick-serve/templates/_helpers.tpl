@@ -237,6 +237,26 @@ applications:
       name: {{ include "maverick.redisSecretName" . }}
       key: {{ include "maverick.redisSecretKey" . }}
 {{- end }}
+{{- /* Traces: Serve reads its switch from each process's environment (TracingConfig.environment). */}}
+{{- $t := (default dict (default dict .Values.cluster.observability).tracing) }}
+{{- if $t.enabled }}
+- name: RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH
+  value: maverick_serve.observability.tracing:span_processors
+- name: RAY_SERVE_TRACING_SAMPLING_RATIO
+  value: {{ kindIs "invalid" $t.sampling_ratio | ternary 0.01 $t.sampling_ratio | quote }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ default "http://localhost:4318" $t.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: http/protobuf
+- name: OTEL_SERVICE_NAME
+  value: {{ default "maverick-serve" $t.service_name | quote }}
+- name: OTEL_BSP_MAX_QUEUE_SIZE
+  value: {{ default 2048 $t.max_queue_size | quote }}
+- name: MAVERICK_TRACING_EXPORT_TIMEOUT_S
+  value: {{ default 5.0 $t.export_timeout_s | float64 | quote }}
+- name: MAVERICK_TRACING_RECORD_CONTENT
+  value: {{ eq (toString $t.record_content) "true" | ternary "1" "0" | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "maverick.volumes" -}}
