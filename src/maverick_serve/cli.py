@@ -93,6 +93,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch or args.once:
+        from maverick_serve.observability.live_status import watch
+
+        if args.interval <= 0:
+            print("error: --interval must be > 0 seconds", file=sys.stderr)
+            return 2
+        return watch(args.metrics, args.interval, once=args.once)
     if args.kube:
         from maverick_serve.kube.status import collect, render_lines
 
@@ -219,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--namespace", default="default", help="with --kube: the RayService's namespace")
     st.add_argument("--name", default="maverick-maverick-serve", help="with --kube: the RayService's name")
     st.add_argument("--context", default=None, help="with --kube: kubeconfig context")
+    st.add_argument(
+        "--watch", action="store_true", help="live view from the metrics: load, KV, TTFT, targets"
+    )
+    st.add_argument("--once", action="store_true", help="with --watch: print one frame and exit")
+    st.add_argument(
+        "--metrics",
+        default="http://127.0.0.1:8080/metrics",
+        help="with --watch: a Prometheus exposition (Ray metrics port; on Kubernetes, port-forward the head)",
+    )
+    st.add_argument("--interval", type=float, default=2.0, help="with --watch: seconds between frames")
     st.set_defaults(func=cmd_status)
 
     gen = sub.add_parser("generate", help="chat with the native engine in this process (text and images)")

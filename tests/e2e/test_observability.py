@@ -5,6 +5,8 @@ sent to an OTLP receiver the test runs on a free port."""
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -181,3 +183,16 @@ def test_every_metric_that_dashboards_and_alerts_read_is_in_a_live_scrape(observ
         if missing:
             time.sleep(3)
     assert not missing, {name: wanted[name] for name in sorted(missing)}
+
+
+def test_status_watch_shows_the_running_cluster(observed: RunningCluster) -> None:
+    _chat(observed, "status please", {})
+    cmd = [sys.executable, "-m", "maverick_serve.cli", "status", "--watch", "--once", "--interval", "3"]
+    r = subprocess.run([*cmd, "--metrics", observed.metrics_url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "LlamaEngine" in out and "LlamaPrefill" in out
+    assert "autoscaler targets:" in out and "engine 2" in out
+    rows = [line for line in out.splitlines() if line[:1].isalnum() and line.split()[-1].endswith("x")]
+    assert len(rows) >= 2, out  # the engine replicas (and the prefill one once it reported), with imbalance
+    assert "TTFT p50" in out and "KV-tier hit ratio" in out
