@@ -54,7 +54,7 @@ def observed(
             "prefill": {"min_replicas": 1, "max_replicas": 1},
             "router": {"min_replicas": 1, "max_replicas": 1},
         },
-        "observability": {"tracing": {"enabled": True, "sampling_ratio": 1.0}},
+        "observability": {"tracing": {"enabled": True, "sampling_ratio": 1.0, "engine_steps": True}},
     }
     # The exporter's batch delay is 5 s by default; the test waits less for each trace.
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "300"}
@@ -93,7 +93,7 @@ def _ancestors(span: ReceivedSpan, by_id: dict[str, ReceivedSpan]) -> list[str]:
 
 def test_one_request_is_one_trace_with_every_hop(observed: RunningCluster, receiver: OtlpReceiver) -> None:
     header, trace_id, client_span = _traceparent()
-    body, headers = _chat(observed, LONG_PROMPT, {"traceparent": header})
+    body, headers = _chat(observed, LONG_PROMPT, {"traceparent": header, "tracestate": "vendor=abc"})
     expected = {
         f"chat {MODEL_NAME}",
         "router.parse",
@@ -122,6 +122,11 @@ def test_one_request_is_one_trace_with_every_hop(observed: RunningCluster, recei
     assert not any("ReplicaStateHub" in s.name for s in spans), sorted({s.name for s in spans})
     # The response names this trace, so a client can look it up.
     assert headers["traceparent"].split("-")[1] == trace_id
+    assert headers["tracestate"] == "vendor=abc"
+    # `up` said where the traces go.
+    assert f"Traces:         OTLP/HTTP {receiver.endpoint}/v1/traces, 100% of new traces sampled" in (
+        observed.log.read_text()
+    )
     chat = next(s for s in spans if s.name == f"chat {MODEL_NAME}")
     generates = [s for s in spans if s.name == "engine.generate"]
     chains = [_ancestors(g, by_id) for g in generates]
@@ -139,6 +144,10 @@ def test_one_request_is_one_trace_with_every_hop(observed: RunningCluster, recei
     assert chat.attributes["gen_ai.response.finish_reasons"] == [body["choices"][0]["finish_reason"]]
     assert chat.attributes["http.response.status_code"] == 200
     # The decode replica loaded the prompt's KV that the prefill replica stored.
+    # Opt-in detail: each engine step, with the time its MoE layers waited on the expert workers.
+    steps = [s for s in spans if s.name == "engine.step"]
+    assert steps and all(by_id[s.parent_span_id].name == "engine.generate" for s in steps)
+    assert max(s.attributes["maverick.experts.dispatch_seconds"] for s in steps) > 0
     loads = [s for s in spans if s.name == "kvtier.load"]  # prefill replica: a miss; decode: the hit
     assert max(s.attributes["maverick.kvtier.hit_tokens"] for s in loads) > 0
     # Prompts stay out of traces unless observability.tracing.record_content is on.
@@ -160,9 +169,10 @@ def test_a_sampled_out_request_records_nothing(observed: RunningCluster, receive
 
 @pytest.mark.parametrize("bad", ["garbage", "00-xyz-abc-01", "00-" + "0" * 32 + "-" + "0" * 16 + "-01"])
 def test_a_malformed_traceparent_starts_a_new_trace(observed: RunningCluster, bad: str) -> None:
-    body, headers = _chat(observed, "hello", {"traceparent": bad})
+    body, headers = _chat(observed, "hello", {"traceparent": bad, "tracestate": "vendor=abc"})
     assert body["choices"][0]["message"]["content"] is not None
     _version, trace_id, span_id, _flags = headers["traceparent"].split("-")
+    assert "tracestate" not in headers
     assert len(trace_id) == 32 and trace_id != "0" * 32 and len(span_id) == 16
 
 

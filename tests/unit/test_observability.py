@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -151,3 +152,41 @@ def test_status_watch_without_a_cluster_says_where_it_looked() -> None:
     assert r.returncode == 1 and f"no metrics at {url}" in r.stdout
     r = subprocess.run([*cmd, "--interval", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--interval must be > 0" in r.stderr
+
+
+def test_an_unreachable_collector_costs_dropped_spans_not_request_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bad input: OTLP endpoint down. Ending a span stays microseconds (export is on the batch
+    thread), the bounded queue drops the overflow, and both kinds of loss are counted."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from maverick_serve.observability.tracing import span_processors
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
+    monkeypatch.setenv("MAVERICK_TRACING_EXPORT_TIMEOUT_S", "0.5")
+    (processor,) = span_processors()
+    provider = TracerProvider()  # its own provider: the process-wide one stays untouched
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("test")
+    started = time.perf_counter()
+    for i in range(2000):
+        with tracer.start_as_current_span(f"request {i}"):
+            pass
+    per_span_ms = (time.perf_counter() - started) / 2000 * 1000
+    assert per_span_ms < 1.0, per_span_ms  # never waits for the network
+    processor.force_flush(timeout_millis=5000)
+    exporter = processor.span_exporter
+    assert processor.queue_full_drops > 1000  # 2000 spans into a queue of 64
+    assert exporter.failed > 0 and exporter.exported == 0
+    provider.shutdown()
+
+
+def test_readme_metric_table_is_the_catalogue() -> None:
+    from pathlib import Path
+
+    from maverick_serve.observability.catalogue import markdown_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert markdown_table() in readme, "README's metric table is stale: paste markdown_table()'s output"

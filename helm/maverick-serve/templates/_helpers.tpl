@@ -256,6 +256,8 @@ applications:
   value: {{ default 5.0 $t.export_timeout_s | float64 | quote }}
 - name: MAVERICK_TRACING_RECORD_CONTENT
   value: {{ eq (toString $t.record_content) "true" | ternary "1" "0" | quote }}
+- name: MAVERICK_TRACING_ENGINE_STEPS
+  value: {{ eq (toString $t.engine_steps) "true" | ternary "1" "0" | quote }}
 {{- end }}
 {{- end -}}
 

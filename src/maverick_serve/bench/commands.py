@@ -73,6 +73,19 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_tracing(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.tracing_bench import format_table, run
+
+    model = args.model or default_tiny_model()
+    if not (Path(model) / "config.json").exists():
+        raise CLIError(f"--model {model} has no config.json (make one with `maverick-serve make-model`)")
+    results = run(
+        Path(model).resolve(), args.concurrency, args.requests, args.rounds, args.max_tokens, args.replicas
+    )
+    print(format_table(results))
+    return 0
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -251,6 +264,18 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the served checkpoint: also split the overhead into router code vs Serve's hop",
     )
     bs.set_defaults(func=cmd_bench_serve)
+
+    bt = bench.add_parser(
+        "tracing",
+        help="throughput and latency with tracing off, sampled at 1 % and at 100 % (three local clusters)",
+    )
+    bt.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    bt.add_argument("--concurrency", type=positive, default=8)
+    bt.add_argument("--requests", type=positive, default=48, help="requests per measured round")
+    bt.add_argument("--rounds", type=positive, default=5, help="measured rounds per variant (medians)")
+    bt.add_argument("--max-tokens", type=positive, default=32)
+    bt.add_argument("--replicas", type=positive, default=1, help="engine replicas of each cluster")
+    bt.set_defaults(func=cmd_bench_tracing)
 
     ba = bench.add_parser(
         "autoscale",

@@ -22,6 +22,7 @@ DEFAULT_SAMPLING_RATIO = 0.01
 # Ours, read by the exporter hook in each process (Serve calls it with no arguments).
 ENV_RECORD_CONTENT = "MAVERICK_TRACING_RECORD_CONTENT"
 ENV_EXPORT_TIMEOUT = "MAVERICK_TRACING_EXPORT_TIMEOUT_S"
+ENV_ENGINE_STEPS = "MAVERICK_TRACING_ENGINE_STEPS"
 
 
 class TracingConfig(BaseModel):
@@ -54,6 +55,11 @@ class TracingConfig(BaseModel):
     )
     record_content: bool = Field(
         False, description="Put prompt and completion text on spans. Off: only sizes and ids are recorded."
+    )
+    engine_steps: bool = Field(
+        False,
+        description="Opt-in detail: one `engine.step` span per engine step a traced request was in, "
+        "with the seconds its MoE layers waited on the expert workers (up to 512 per request).",
     )
     service_name: str = Field("maverick-serve", min_length=1, description="OTel service.name of spans.")
     max_queue_size: int = Field(
@@ -91,6 +97,7 @@ class TracingConfig(BaseModel):
             traces_endpoint=traces_endpoint,
             sampling_ratio=ratio,
             record_content=self.record_content,
+            engine_steps=self.engine_steps,
             service_name=env.get("OTEL_SERVICE_NAME") or self.service_name,
             max_queue_size=self.max_queue_size,
             export_timeout_s=self.export_timeout_s,
@@ -129,6 +136,7 @@ class ResolvedTracing(BaseModel):
     traces_endpoint: str | None
     sampling_ratio: float
     record_content: bool
+    engine_steps: bool
     service_name: str
     max_queue_size: int
     export_timeout_s: float
@@ -146,6 +154,7 @@ class ResolvedTracing(BaseModel):
             "OTEL_BSP_MAX_QUEUE_SIZE": str(self.max_queue_size),
             ENV_EXPORT_TIMEOUT: repr(self.export_timeout_s),
             ENV_RECORD_CONTENT: "1" if self.record_content else "0",
+            ENV_ENGINE_STEPS: "1" if self.engine_steps else "0",
         }
         if self.traces_endpoint:
             env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = self.traces_endpoint

@@ -68,6 +68,7 @@ class ExpertHooks(ABC):
       replaces each MoE layer's expert executor with one that reaches the expert workers.
     - `end_step()` after every model step, on the engine loop's thread: load statistics, and a
       rebalance when the tier decides one is due (it finishes before the next step starts).
+      Returns the seconds the step's MoE layers spent waiting on the expert workers (traces).
     - `stats()` the expert fields of `EngineStats` (`expert_imbalance`, `expert_tokens`,
       `expert_rebalances_total`, `expert_failovers_total`).
     - `shutdown()` releases workers this engine owns.
@@ -77,7 +78,7 @@ class ExpertHooks(ABC):
     def attach(self, model: Llama4Model) -> None: ...
 
     @abstractmethod
-    def end_step(self) -> None: ...
+    def end_step(self) -> float: ...
 
     @abstractmethod
     def stats(self) -> dict[str, object]: ...

@@ -24,6 +24,7 @@ from maverick_serve.engine.sampler import sample_token
 from maverick_serve.engine.scheduler import ScheduledChunk, Scheduler
 from maverick_serve.engine.sequence import Sequence, Status
 from maverick_serve.engine.types import (
+    MAX_RECORDED_STEPS,
     EngineRequest,
     EngineStats,
     InvalidRequestError,
@@ -233,10 +234,17 @@ class NativeEngine(Engine):
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
+        started = time.monotonic()
         logits = self.runner.execute(chunks)
         self._steps += 1
+        dispatch_s = 0.0
         if self.expert_tier is not None:
-            self.expert_tier.end_step()  # between steps: load statistics, maybe rebalance
+            dispatch_s = self.expert_tier.end_step()  # between steps: load statistics, maybe rebalance
+        ended = time.monotonic()
+        for chunk in chunks:
+            t = chunk.seq.timing
+            if chunk.seq.request.record_steps and len(t.steps) < MAX_RECORDED_STEPS:
+                t.steps.append((started, ended, dispatch_s))
         row = 0
         prefill_tokens = generated = 0
         for chunk in chunks:

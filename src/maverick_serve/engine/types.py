@@ -88,6 +88,7 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     images: list[ImageInput] = field(default_factory=list)
     arrival_time: float = 0.0
+    record_steps: bool = False  # keep each step's timing in RequestTiming.steps (opt-in traces)
 
 
 @dataclass
@@ -119,6 +120,12 @@ class RequestTiming:
     finished: float | None = None
     tier_lookup_s: float = 0.0  # EXISTS probe + MGET load of the tier prefix, on admission
     tier_hit_tokens: int = 0
+    # (start, end, expert-dispatch seconds) of each step this request was in; only when the
+    # request asked (`record_steps`), at most MAX_RECORDED_STEPS.
+    steps: list[tuple[float, float, float]] = field(default_factory=list)
+
+
+MAX_RECORDED_STEPS = 512
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class ExpertTier(ExpertHooks):
 
         self.spec = spec
         self.cfg = cfg
+        self._step_dispatch_s = 0.0  # this step's wait on expert workers, summed over MoE layers
         entries = [(p.layer, p.expert, p.workers) for p in cfg.placement]
         self.placement = ExpertPlacement.from_explicit(spec, cfg.ep_degree, entries)
         self.group = self._placement_group(ray)
@@ -168,9 +170,12 @@ class ExpertTier(ExpertHooks):
 
     def run_layer(self, layer: int, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.tracker.record(layer, expert_ids)
+        started = time.perf_counter()
         for attempt in range(self.cfg.max_retries + 1):
             try:
-                return self.transport.run_layer(layer, tokens, expert_ids)
+                out = self.transport.run_layer(layer, tokens, expert_ids)
+                self._step_dispatch_s += time.perf_counter() - started
+                return out
             except ExpertWorkerDied as exc:
                 if attempt == self.cfg.max_retries:
                     raise
@@ -199,12 +204,14 @@ class ExpertTier(ExpertHooks):
         with contextlib.suppress(Exception):  # already gone
             ray.kill(self.workers[dead])
 
-    def end_step(self) -> None:
+    def end_step(self) -> float:
+        dispatch_s, self._step_dispatch_s = self._step_dispatch_s, 0.0
         self.tracker.end_step()
         self.steps += 1
         rb = self.cfg.rebalance
         if rb.enabled and self.steps % rb.interval_steps == 0 and self.imbalance() > rb.imbalance_threshold:
             self.rebalance()
+        return dispatch_s
 
     def rebalance(self) -> ExpertPlacement:
         """Replicate hot experts and repack by load over the live workers; load, then switch."""

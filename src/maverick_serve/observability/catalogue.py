@@ -195,3 +195,24 @@ def spec(name: str) -> MetricSpec:
 def exported_series() -> dict[str, MetricSpec]:
     """Every Prometheus series name we export to its spec."""
     return {series: s for s in CATALOGUE for series in s.series()}
+
+
+TABLE_BEGIN = "<!-- metric table: generated from observability/catalogue.py by markdown_table() -->"
+TABLE_END = "<!-- end of metric table -->"
+
+
+def markdown_table() -> str:
+    """The README's metric table (a unit test keeps the README equal to it)."""
+    rows = [
+        TABLE_BEGIN,
+        "| Prometheus name | type | unit | labels | vLLM name | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in CATALOGUE:
+        labels = ", ".join(s.labels) or "-"
+        rows.append(
+            f"| `{s.exported_name}` | {s.kind} | {s.unit} | {labels} | "
+            f"{'`' + s.vllm + '`' if s.vllm else '-'} | {s.description} |"
+        )
+    rows.append(TABLE_END)
+    return "\n".join(rows)

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from maverick_serve.config.observability import ENV_EXPORT_TIMEOUT, ENV_RECORD_CONTENT
+from maverick_serve.config.observability import ENV_ENGINE_STEPS, ENV_EXPORT_TIMEOUT, ENV_RECORD_CONTENT
 from maverick_serve.observability.catalogue import TRACING_METRICS
 from maverick_serve.observability.ray_metrics import MetricSet
 
@@ -53,6 +53,8 @@ class CountingExporter(SpanExporter):
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
+        self.exported = 0
+        self.failed = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
@@ -62,8 +64,10 @@ class CountingExporter(SpanExporter):
             result = SpanExportResult.FAILURE
         m = _tracing_metrics()
         if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
             m.inc("maverick_tracing_spans_exported", len(spans))
         else:
+            self.failed += len(spans)
             m.inc("maverick_tracing_spans_dropped", len(spans), {"reason": "export_failed"})
         return result
 
@@ -78,12 +82,16 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
     """The SDK's batch processor (bounded queue, background export), counting queue-full drops."""
 
     def __init__(self, exporter: SpanExporter, max_queue_size: int) -> None:
-        super().__init__(exporter, max_queue_size=max_queue_size)
+        # The SDK refuses a batch larger than the queue; a small queue means small batches.
+        batch = min(max_queue_size, int(os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")))
+        super().__init__(exporter, max_queue_size=max_queue_size, max_export_batch_size=max(1, batch))
         self.max_queue_size = max_queue_size
+        self.queue_full_drops = 0
 
     def on_end(self, span: ReadableSpan) -> None:
         queue = getattr(self._batch_processor, "_queue", None)  # the SDK drops the oldest when full
         if queue is not None and len(queue) >= self.max_queue_size and span.context.trace_flags.sampled:
+            self.queue_full_drops += 1
             _tracing_metrics().inc("maverick_tracing_spans_dropped", 1, {"reason": "queue_full"})
         super().on_end(span)
 
@@ -107,6 +115,11 @@ def background_task(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 def record_content() -> bool:
     """Prompts and completions go on spans only when the operator opted in."""
     return os.environ.get(ENV_RECORD_CONTENT) == "1"
+
+
+def engine_steps() -> bool:
+    """Per-step engine spans (expert dispatch detail) only when the operator opted in."""
+    return os.environ.get(ENV_ENGINE_STEPS) == "1"
 
 
 def tracer() -> trace.Tracer:

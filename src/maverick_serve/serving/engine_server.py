@@ -30,7 +30,7 @@ from maverick_serve.engine.types import (
     RequestOutput,
     RequestTiming,
 )
-from maverick_serve.observability.tracing import record_span, span_attributes, tracer
+from maverick_serve.observability.tracing import engine_steps, record_span, span_attributes, tracer
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
 from maverick_serve.serving.engine_factory import load_native_engine
 from maverick_serve.serving.latency_window import LatencyWindow
@@ -65,6 +65,8 @@ def _engine_spans(parent: Any, t: RequestTiming, out: RequestOutput) -> None:
         record_span("engine.prefill", scheduled, t.first_token, parent=ctx)
         if t.finished is not None:
             record_span("engine.decode", t.first_token, t.finished, parent=ctx)
+    for start, end, dispatch_s in t.steps:  # opt-in (observability.tracing.engine_steps)
+        record_span("engine.step", start, end, {"maverick.experts.dispatch_seconds": dispatch_s}, parent=ctx)
     usage = out.usage
     parent.set_attributes(
         {
@@ -151,6 +153,7 @@ class EngineServer:
                     }
                 ),
             )
+            request.record_steps = span.is_recording() and engine_steps()
             try:
                 async for out in self.runner.generate(request):
                     event = dataclasses.asdict(out)

@@ -179,6 +179,10 @@ class RouterServer:
             response = await self._respond(request, model, answer)
         if (parent := answer.trace.traceparent()) is not None:
             response.headers["traceparent"] = parent
+            # The client's tracestate belongs to its trace: returned when we continued that trace.
+            state, incoming = request.headers.get("tracestate"), request.headers.get("traceparent", "")
+            if state and incoming.split("-")[1:2] == parent.split("-")[1:2]:
+                response.headers["tracestate"] = state
         if not answer.streaming:
             answer.done(response.status_code)
         return response
