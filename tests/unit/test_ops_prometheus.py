@@ -25,8 +25,8 @@ def _promtool() -> str:
     found = str(local) if local.exists() else shutil.which("promtool")
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail("promtool is missing in CI: scripts/setup.sh runs scripts/setup-promtool.sh")
-        pytest.skip("promtool is not installed (bash scripts/setup-promtool.sh)")
+            pytest.fail("promtool is missing in CI: scripts/setup.sh runs scripts/setup-prometheus.sh")
+        pytest.skip("promtool is not installed (bash scripts/setup-prometheus.sh)")
     return found
 
 
