@@ -70,6 +70,23 @@ class RedisStoreConfig(BaseModel):
 StoreConfig = Annotated[MemoryStoreConfig | RedisStoreConfig, Field(discriminator="type")]
 
 
+class BreakerConfig(BaseModel):
+    """How long a KV-tier call may take on the engine's path, and how an unhealthy store is retried."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True, description="Open on the first failed or timed-out call (off: every call waits)."
+    )
+    lookup_timeout_s: float = Field(
+        0.5, gt=0, description="Deadline of one lookup or load on the engine thread (Redis answers in ms)."
+    )
+    store_timeout_s: float = Field(10.0, gt=0, description="Deadline of one batch of stores (writer thread).")
+    backoff_s: float = Field(2.0, gt=0, description="First wait before probing an unhealthy store.")
+    max_backoff_s: float = Field(30.0, gt=0, description="The probe interval doubles up to this.")
+    probe_timeout_s: float = Field(1.0, gt=0, description="Deadline of one probe (PING).")
+
+
 class KVTierConfig(BaseModel):
     """A shared KV tier: prefill once, reuse on any replica."""
 
@@ -86,4 +103,8 @@ class KVTierConfig(BaseModel):
         description="Blocks waiting to be stored; above this stores are dropped (decoding never waits).",
     )
     required: bool = Field(False, description="Refuse to start when the store is unreachable.")
+    breaker: BreakerConfig = Field(
+        default_factory=lambda: BreakerConfig(),
+        description="Skip a stalled or dead store after one timeout; probe it in the background.",
+    )
     key_prefix: str = Field("mvkv", min_length=1, description="Prefix of every key (share one Redis safely).")

@@ -1,5 +1,6 @@
 """The engine's handle on the store: an asyncio I/O thread, sync calls for the engine thread,
-a bounded write-behind queue, counters, and the outage policy (errors are misses)."""
+a bounded write-behind queue, counters, and the outage policy (errors are misses; after one
+failure or timeout the circuit breaker skips the store until a background probe answers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from maverick_serve.config.kvtier import BreakerConfig
+from maverick_serve.kvtier.breaker import CircuitBreaker
 from maverick_serve.kvtier.store import KVStore, KVStoreError, StoreValue, value_nbytes
 
 logger = logging.getLogger(__name__)
@@ -32,16 +35,31 @@ class TierStats:
     dropped_stores: int = 0
     checksum_failures: int = 0
     errors: int = 0
+    breaker_opens: int = 0  # the store turned unhealthy
+    breaker_closes: int = 0  # a probe found it healthy again
+    breaker_skips: int = 0  # lookups answered "miss" without asking it
 
 
 class KVTierClient:
     def __init__(
-        self, store: KVStore, ttl_s: int | None, queue_blocks: int, call_timeout_s: float = 10.0
+        self,
+        store: KVStore,
+        ttl_s: int | None,
+        queue_blocks: int,
+        breaker: BreakerConfig | None = None,
     ) -> None:
         self.store = store
         self.ttl_s = ttl_s
-        self.call_timeout_s = call_timeout_s
+        cfg = breaker or BreakerConfig(enabled=False)
+        self.lookup_timeout_s = cfg.lookup_timeout_s if cfg.enabled else 10.0
+        self.store_timeout_s = cfg.store_timeout_s if cfg.enabled else 10.0
+        self.probe_timeout_s = cfg.probe_timeout_s
         self.stats = TierStats()
+        self.breaker: CircuitBreaker | None = None
+        if cfg.enabled:
+            self.breaker = CircuitBreaker(
+                cfg.backoff_s, cfg.max_backoff_s, self._probe, self._breaker_changed
+            )
         self.loop = asyncio.new_event_loop()
         self._io = threading.Thread(target=self.loop.run_forever, name="kvtier-io", daemon=True)
         self._io.start()
@@ -49,39 +67,74 @@ class KVTierClient:
         self._writer = threading.Thread(target=self._write_loop, name="kvtier-writer", daemon=True)
         self._writer.start()
 
-    def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+    def _call(self, fn: Callable[[], Awaitable[T]], timeout_s: float) -> T:
         async def run() -> T:
             return await fn()
 
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(self.call_timeout_s)
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()  # a stalled store must not pile up calls on the I/O loop
+            raise TimeoutError(f"KV tier call exceeded {timeout_s:g} s") from None
 
     def ping(self) -> None:
         """Raises KVStoreError when the store is unreachable (used by `kvtier.required`)."""
-        self._call(self.store.ping)
+        self._call(self.store.ping, self.store_timeout_s)
+
+    def _probe(self) -> bool:
+        try:
+            self._call(self.store.ping, self.probe_timeout_s)
+            return True
+        except (KVStoreError, TimeoutError):
+            return False
+
+    def _breaker_changed(self, state: str) -> None:
+        if state == "open":
+            self.stats.breaker_opens += 1
+        else:
+            self.stats.breaker_closes += 1
+
+    def _skip(self) -> bool:
+        if self.breaker is not None and not self.breaker.allow():
+            self.stats.breaker_skips += 1
+            return True
+        return False
+
+    def _failed(self, exc: BaseException) -> None:
+        self._error(exc)
+        if self.breaker is not None:
+            self.breaker.failure(exc)
 
     def exists_many(self, keys: list[str]) -> list[bool]:
+        if self._skip():
+            return [False] * len(keys)
         try:
-            return self._call(lambda: self.store.exists_many(keys))
+            return self._call(lambda: self.store.exists_many(keys), self.lookup_timeout_s)
         except (KVStoreError, TimeoutError) as exc:
-            self._error(exc)
+            self._failed(exc)
             return [False] * len(keys)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if self._skip():
+            return [None] * len(keys)
         start = time.perf_counter()
         try:
-            values = self._call(lambda: self.store.get_many(keys))
+            values = self._call(lambda: self.store.get_many(keys), self.lookup_timeout_s)
         except (KVStoreError, TimeoutError) as exc:
-            self._error(exc)
+            self._failed(exc)
             return [None] * len(keys)
         self.stats.load_seconds += time.perf_counter() - start
         self.stats.bytes_in += sum(len(v) for v in values if v is not None)
         return values
 
     def delete_many(self, keys: list[str]) -> None:
+        if self._skip():
+            return
         try:
-            self._call(lambda: self.store.delete_many(keys))
+            self._call(lambda: self.store.delete_many(keys), self.lookup_timeout_s)
         except (KVStoreError, TimeoutError) as exc:
-            self._error(exc)
+            self._failed(exc)
 
     def submit(self, items: list[PendingStore]) -> bool:
         """Queue blocks for storing; under overload drop them (never stall the engine). A payload
@@ -105,14 +158,20 @@ class KVTierClient:
             try:
                 if pending is None:
                     return
+                if self.breaker is not None and not self.breaker.allow():  # unhealthy: drop, not wait
+                    self.stats.dropped_stores += len(pending)
+                    continue
                 items = [(k, v() if callable(v) else v) for k, v in pending]
                 start = time.perf_counter()
-                self._call(lambda items=items: self.store.put_many(items, self.ttl_s))  # type: ignore[misc]
+                self._call(
+                    lambda items=items: self.store.put_many(items, self.ttl_s),  # type: ignore[misc]
+                    self.store_timeout_s,
+                )
                 self.stats.store_seconds += time.perf_counter() - start
                 self.stats.blocks_stored += len(items)
                 self.stats.bytes_out += sum(value_nbytes(v) for _, v in items)
             except (KVStoreError, TimeoutError) as exc:
-                self._error(exc)
+                self._failed(exc)
             except Exception:  # a store bug must not kill the writer
                 logger.exception("KV tier store failed")
                 self.stats.errors += 1

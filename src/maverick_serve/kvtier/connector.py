@@ -114,7 +114,7 @@ class KVTierConnector(KVTierHooks):
         cache: PagedKVCache,
     ) -> KVTierConnector:
         ttl = cfg.store.ttl_s if cfg.store.type == "redis" else None
-        client = KVTierClient(make_store(cfg), ttl, cfg.write_queue_blocks)
+        client = KVTierClient(make_store(cfg), ttl, cfg.write_queue_blocks, cfg.breaker)
         if cfg.required:
             try:
                 client.ping()

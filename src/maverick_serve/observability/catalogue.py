@@ -130,6 +130,9 @@ KVTIER_COUNTERS = {
     "dropped_stores": ("blocks", "KV blocks not stored because the store queue was full."),
     "checksum_failures": ("blocks", "KV blocks whose checksum failed on load (recomputed)."),
     "errors": ("operations", "KV tier operations that failed (store unreachable, timeouts)."),
+    "breaker_opens": ("events", "Times the tier was marked unhealthy (a call failed or timed out)."),
+    "breaker_closes": ("events", "Times a background probe found the tier healthy again."),
+    "breaker_skips": ("operations", "Lookups answered as misses without asking an unhealthy tier."),
 }
 KVTIER_METRICS = tuple(
     MetricSpec("maverick_kvtier_" + key, "counter", unit, desc, ENGINE)

@@ -227,6 +227,7 @@ ROUTER_KVTIER = Dashboard(
             (f"sum(rate({K}checksum_failures_total{{{ENG}}}[{RI}]))", "checksum failures"),
             (f"sum(rate({K}dropped_stores_total{{{ENG}}}[{RI}]))", "stores dropped"),
             (f"sum(rate({K}blocks_stored_total{{{ENG}}}[{RI}]))", "blocks stored"),
+            (f"sum(rate({K}breaker_skips_total{{{ENG}}}[{RI}]))", "lookups skipped (unhealthy)"),
         ], "ops"),
     ],
 )  # fmt: skip
