@@ -13,25 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from maverick_serve.bench.serve_bench import pct, run_level
 from maverick_serve.net import free_port
+from maverick_serve.serving.up_process import run_up
 
 VARIANTS: tuple[tuple[str, float | None], ...] = (("off", None), ("1%", 0.01), ("100%", 1.0))
 
@@ -101,43 +95,6 @@ def _config(model_dir: Path, sampling: float | None, replicas: int) -> dict[str,
     }
 
 
-@contextlib.contextmanager
-def local_cluster(config: dict[str, Any], env: dict[str, str], workdir: Path) -> Iterator[str]:
-    """`maverick-serve up` in its own session; yields the API URL once /ready answers."""
-    path = workdir / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (workdir / "up.log").open("w")
-    cmd = [sys.executable, "-m", "maverick_serve.cli", "up", "--config", str(path), "--port", str(port)]
-    cmd += ["--dashboard-port", str(free_port()), "--metrics-port", str(free_port())]
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env}
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                tail = (workdir / "up.log").read_text()[-3000:]
-                raise RuntimeError(f"maverick-serve up exited with {proc.returncode}:\n{tail}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"cluster not ready in 300 s:\n{(workdir / 'up.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
 def run(
     model_dir: Path,
     concurrency: int,
@@ -162,9 +119,8 @@ def run(
                     if sampling is not None
                     else {}
                 )
-                urls.append(
-                    stack.enter_context(local_cluster(_config(model_dir, sampling, replicas), env, tmp))
-                )
+                up = stack.enter_context(run_up(_config(model_dir, sampling, replicas), tmp, env))
+                urls.append(up.api_url)
             with urllib.request.urlopen(f"{urls[0]}/v1/models", timeout=10) as resp:
                 model = json.loads(resp.read())["data"][0]["id"]
             for url in urls:  # warm-up: first-request compilation and caches, not measured

@@ -1,0 +1,82 @@
+"""`maverick-serve up` as a child process in its own session: for benchmarks that need one cluster
+per variant and for the end-to-end tests. Ready when /ready answers 200; stopped with SIGINT (as
+Ctrl-C would), killed if it does not stop within a minute."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maverick_serve.net import free_port
+
+
+@dataclass(frozen=True)
+class UpProcess:
+    api_url: str
+    dashboard_url: str
+    metrics_url: str
+    log: Path
+
+
+@contextlib.contextmanager
+def run_up(
+    config: dict[str, Any],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 300.0,
+) -> Iterator[UpProcess]:
+    cfg_path = workdir / "cluster.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    port, dash, metrics = free_port(), free_port(), free_port()
+    log = workdir / "up.log"
+    cmd = [sys.executable, "-m", "maverick_serve.cli", "up", "--config", str(cfg_path), "--port", str(port)]
+    cmd += ["--dashboard-port", str(dash), "--metrics-port", str(metrics)]
+    cmd += ["--ready-timeout", str(int(ready_timeout_s * 0.8))]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    up = UpProcess(
+        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", log
+    )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"maverick-serve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{up.api_url}/ready", timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"cluster not ready in {ready_timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(1)
+        yield up
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
