@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,15 @@ def test_redis_outage_fails_no_request_and_hits_return(
     redis_server.stop()
     assert _generate(engine, "down") == cold_tokens  # served by recomputing
     assert engine.stats().kvtier["errors"] >= 1 and engine.stats().kvtier["hit_tokens"] == 0
+    assert engine.stats().kvtier["breaker_opens"] == 1  # one failure opened it; the rest skipped
     redis_server.start()  # same port, empty
+    # Requests keep asking; after the backoff a background probe finds the store and closes it.
+    client = engine.kv_connector.client
+    deadline = time.monotonic() + client.breaker.backoff_s + client.probe_timeout_s + 5
+    while not client.breaker.allow():
+        assert time.monotonic() < deadline, "the breaker did not close after Redis came back"
+        time.sleep(0.05)
+    assert engine.stats().kvtier["breaker_closes"] == 1
     other = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(5)).tolist()
     _generate(engine, "store", other)  # reconnects on its own and stores
     fresh = load_native_engine(tiny_model, ENGINE, kvtier=_tier(redis_server.url))
