@@ -146,6 +146,12 @@ class RequestOutput:
 class EngineStats(BaseModel):
     """A snapshot for metrics, routing and autoscaling."""
 
+    @property
+    def kv_usage(self) -> float:
+        """KV blocks held by requests / all blocks, over every layer group (0 without blocks)."""
+        total = sum(self.kv_blocks_total.values())
+        return sum(self.kv_blocks_used.values()) / total if total else 0.0
+
     running: int = Field(0, description="Requests scheduled in the current batch.")
     waiting: int = Field(0, description="Requests queued for admission.")
     kv_blocks_total: dict[str, int] = Field(default_factory=dict, description="Blocks per layer group.")

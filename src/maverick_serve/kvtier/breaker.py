@@ -63,9 +63,6 @@ class CircuitBreaker:
         logger.warning("KV tier unhealthy (%s): skipping it, probing every %.1f s", reason, self.backoff_s)
         self.on_change("open")
 
-    def success(self) -> None:
-        """A call went through (closed state): nothing to do; kept for symmetry with failure."""
-
     def _run_probe(self) -> None:
         ok = False
         try:

@@ -20,6 +20,8 @@ from maverick_serve.kvtier.store import KVStore, KVStoreError, StoreValue, value
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# Deadline of every call when the breaker is off (the client's behaviour before it existed).
+UNGUARDED_TIMEOUT_S = 10.0
 PendingStore = tuple[str, StoreValue | Callable[[], StoreValue]]  # a payload or its deferred encoder
 
 
@@ -51,8 +53,8 @@ class KVTierClient:
         self.store = store
         self.ttl_s = ttl_s
         cfg = breaker or BreakerConfig(enabled=False)
-        self.lookup_timeout_s = cfg.lookup_timeout_s if cfg.enabled else 10.0
-        self.store_timeout_s = cfg.store_timeout_s if cfg.enabled else 10.0
+        self.lookup_timeout_s = cfg.lookup_timeout_s if cfg.enabled else UNGUARDED_TIMEOUT_S
+        self.store_timeout_s = cfg.store_timeout_s if cfg.enabled else UNGUARDED_TIMEOUT_S
         self.probe_timeout_s = cfg.probe_timeout_s
         self.stats = TierStats()
         self.breaker: CircuitBreaker | None = None

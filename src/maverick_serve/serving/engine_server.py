@@ -216,11 +216,10 @@ class EngineServer:
         s = self.latest_stats
         out = {"running": 0.0, "waiting": 0.0, "kv_usage": 0.0}
         if s is not None:
-            total = sum(s.kv_blocks_total.values()) or 1
             out = {
                 "running": float(s.running),
                 "waiting": float(s.waiting),
-                "kv_usage": sum(s.kv_blocks_used.values()) / total,
+                "kv_usage": s.kv_usage,
                 "prefill_tokens_per_s": s.prefill_tokens_per_s,
             }
             if s.expert_imbalance is not None:  # disaggregated experts: how uneven the workers are

@@ -27,8 +27,7 @@ class EngineMetrics:
         m, d = self.m, self.totals.delta
         m.set(E + "num_requests_running", stats.running)
         m.set(E + "num_requests_waiting", stats.waiting)
-        total = sum(stats.kv_blocks_total.values())
-        m.set(E + "kv_cache_usage_perc", sum(stats.kv_blocks_used.values()) / total if total else 0.0)
+        m.set(E + "kv_cache_usage_perc", stats.kv_usage)
         for group, used in stats.kv_blocks_used.items():
             m.set(E + "kv_blocks_used", used, {"group": group})
         for group, free in stats.kv_blocks_free.items():
