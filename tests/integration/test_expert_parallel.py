@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
@@ -18,7 +18,7 @@ from maverick_serve.experts.placement import PlacementError
 from maverick_serve.net import free_port
 from maverick_serve.serving.engine_factory import load_native_engine
 
-ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
+ENGINE = NativeEngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from maverick_serve.config import EngineConfig, preset
+from maverick_serve.config import NativeEngineConfig, preset
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.model.make_model import make_model
 from maverick_serve.serving.engine_factory import load_native_engine
 
-ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
+ENGINE = NativeEngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 PROMPT = torch.randint(0, 1900, (250,), generator=torch.Generator().manual_seed(0)).tolist()
 
 

@@ -10,7 +10,7 @@ import torch
 from ray import serve
 from serve_helpers import serve_app
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
@@ -22,7 +22,7 @@ def test_long_prompts_take_the_prefill_path_with_identical_tokens(
 ) -> None:
     long_prompt = torch.randint(0, 1900, (300,), generator=torch.Generator().manual_seed(1)).tolist()
     short_prompt = long_prompt[:40]
-    engine = NativeEngine.from_pretrained(tiny_model, EngineConfig(kv_cache_memory_gib=0.05))
+    engine = NativeEngine.from_pretrained(tiny_model, NativeEngineConfig(kv_cache_memory_gib=0.05))
     expected = {}
     for name, p in (("long", long_prompt), ("short", short_prompt)):
         engine.add_request(

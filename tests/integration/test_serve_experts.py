@@ -12,7 +12,7 @@ import pytest
 import ray
 from serve_helpers import serve_app
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
@@ -63,7 +63,7 @@ def test_disaggregated_experts_serve_the_same_tokens(app_url: tuple[str, str], t
 
     with ThreadPoolExecutor(6) as pool:
         served = list(pool.map(ask, prompts))
-    engine = NativeEngine.from_pretrained(tiny_model, EngineConfig(kv_cache_memory_gib=0.05))
+    engine = NativeEngine.from_pretrained(tiny_model, NativeEngineConfig(kv_cache_memory_gib=0.05))
     expected = []
     for i, p in enumerate(prompts):
         engine.add_request(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maverick_serve.cli import main
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.async_engine import AsyncEngine
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, InvalidRequestError, SamplingParams
@@ -21,13 +21,13 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 @pytest.fixture
 def engine(tiny_model: Path) -> NativeEngine:
-    return NativeEngine.from_pretrained(tiny_model, EngineConfig(kv_cache_memory_gib=0.05))
+    return NativeEngine.from_pretrained(tiny_model, NativeEngineConfig(kv_cache_memory_gib=0.05))
 
 
 def test_concurrent_streams_equal_sync_engine(engine: NativeEngine, tiny_model: Path) -> None:
     prompts = [_prompt(30 + 20 * i, i) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    sync = NativeEngine.from_pretrained(tiny_model, EngineConfig(kv_cache_memory_gib=0.05))
+    sync = NativeEngine.from_pretrained(tiny_model, NativeEngineConfig(kv_cache_memory_gib=0.05))
     expected = {}
     for i, p in enumerate(prompts):
         sync.add_request(EngineRequest(str(i), p, params.model_copy()))

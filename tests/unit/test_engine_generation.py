@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, InvalidRequestError, RequestOutput, SamplingParams
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP
@@ -23,7 +23,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 def _engine(path: Path, **kw: object) -> NativeEngine:
     cfg = {"kv_cache_memory_gib": 0.05, "max_num_batched_tokens": 48, **kw}
-    return NativeEngine.from_pretrained(path, EngineConfig(**cfg))
+    return NativeEngine.from_pretrained(path, NativeEngineConfig(**cfg))
 
 
 def _drain(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maverick_serve.config import EngineConfig, ModelSpec
+from maverick_serve.config import ModelSpec, NativeEngineConfig
 from maverick_serve.engine.inputs import InputProcessor
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import InvalidRequestError, SamplingParams
@@ -27,7 +27,9 @@ def _png(w: int, h: int, seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model: Path) -> tuple[NativeEngine, InputProcessor]:
-    cfg = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=256, max_image_pixels=2000 * 2000)
+    cfg = NativeEngineConfig(
+        kv_cache_memory_gib=0.05, max_num_batched_tokens=256, max_image_pixels=2000 * 2000
+    )
     engine = NativeEngine.from_pretrained(tiny_model, cfg)
     return engine, InputProcessor.from_pretrained(tiny_model, engine.spec, cfg)
 
@@ -119,7 +121,7 @@ def test_placeholder_count_must_match(setup: tuple[NativeEngine, InputProcessor]
 
 
 def test_text_only_model_refuses_images(tiny_model: Path) -> None:
-    cfg = EngineConfig()
+    cfg = NativeEngineConfig()
     spec = ModelSpec.from_pretrained_dir(tiny_model / "text-only")
     proc = InputProcessor.from_pretrained(tiny_model / "text-only", spec, cfg)
     with pytest.raises(InvalidRequestError, match="text-only"):

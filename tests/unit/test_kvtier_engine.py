@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.kvtier.store import MemoryKVStore
 from maverick_serve.serving.engine_factory import load_native_engine
 
-ENGINE = EngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=256, enable_prefix_caching=False)
+ENGINE = NativeEngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=256, enable_prefix_caching=False)
 TIER = KVTierConfig(block_size=32)
 
 

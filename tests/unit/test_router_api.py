@@ -71,7 +71,7 @@ def api(tiny_model: Path) -> Iterator[Api]:
     router = RouterServer(cfg, LocalEngineClient(server))
     a = Api(router.build_api())
     yield a
-    server.runner.shutdown()
+    server.shutdown()
     a.loop.close()
 
 

@@ -238,7 +238,7 @@ def test_router_answers_401_and_429_over_http(tiny_model: Path) -> None:
     try:
         missing, wrong, ok, over, health = asyncio.new_event_loop().run_until_complete(calls())
     finally:
-        server.runner.shutdown()
+        server.shutdown()
     assert missing.status_code == 401 and missing.json()["error"]["param"] == "authorization"
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert ok.status_code == 200

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from maverick_serve.cli_common import CLIError, batch_sizes, default_tiny_model, positive
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.engine import NativeEngineConfig
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
@@ -22,7 +22,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     model = args.model
     if not (model / "config.json").is_file():
         raise CLIError(f"--model {model} has no config.json (make one with `maverick-serve make-model`)")
-    config = EngineConfig(
+    config = NativeEngineConfig(
         device=args.device, dtype=args.dtype, kv_cache_memory_gib=args.kv_gib, num_threads=args.threads
     )
     print(
@@ -142,7 +142,7 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
             logging_level=logging.ERROR,
             log_to_driver=False,
         )
-    cfg = EngineConfig(kv_cache_memory_gib=args.kv_gib, num_threads=args.threads)
+    cfg = NativeEngineConfig(kv_cache_memory_gib=args.kv_gib, num_threads=args.threads)
     rows = []
     for ep in args.ep:
         for transport in ["local"] if ep == 1 else args.transports:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.model import TEXT_ARCH, ModelSpec
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
@@ -67,7 +67,7 @@ def bench_native(
     prompt_len: int,
     decode_tokens: int,
     batch_sizes: list[int],
-    config: EngineConfig,
+    config: NativeEngineConfig,
     repeats: int = 3,
     seed: int = 0,
 ) -> EngineFigures:

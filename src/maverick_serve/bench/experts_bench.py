@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from maverick_serve.bench.engine_bench import _prompts, _run
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.experts.tier import ExpertTier
@@ -69,7 +69,7 @@ def bench_ep(
     prompt_len: int,
     decode_tokens: int,
     repeats: int,
-    engine_cfg: EngineConfig,
+    engine_cfg: NativeEngineConfig,
     transport: str = "actor",
 ) -> EPFigures:
     experts = None

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from maverick_serve.config import preset
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.native import NativeEngine
@@ -252,7 +252,7 @@ def run_bench(
         lines += throughput_lines(url, port, maverick, 256, big_blocks, torch.bfloat16, "(1b) Maverick:")
 
         tier = KVTierConfig.model_validate({"store": {"type": "redis", "url": url}, "block_size": tier_block})
-        cfg = EngineConfig(
+        cfg = NativeEngineConfig(
             kv_cache_memory_gib=max(0.25, (ttft_tokens + long_tokens) * 4e-6),
             max_num_batched_tokens=budget,
             enable_prefix_caching=False,

@@ -243,7 +243,7 @@ async def router_code_overhead(model_dir: str, samples: int, prompt_tokens: int)
                     routed.append((t1 - t0) * 1000)
                     direct.append((t2 - t1) * 1000)
     finally:
-        server.runner.shutdown()
+        server.shutdown()
     return statistics.median(routed), statistics.median(direct)
 
 

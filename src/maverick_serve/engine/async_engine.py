@@ -14,13 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from maverick_serve.engine.base import Engine
-from maverick_serve.engine.types import EngineRequest, EngineStats, RequestOutput
+from maverick_serve.engine.types import EngineDeadError, EngineRequest, EngineStats, RequestOutput
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped (crash or shutdown); in-flight requests cannot finish."""
 
 
 class AsyncEngine:

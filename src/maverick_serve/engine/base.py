@@ -1,11 +1,12 @@
-"""The engine seam: what the serving layer may call on any engine backend.
+"""The engine seams: `Engine`, the step-driven core of the native backend, and `ServingEngine`,
+what an engine replica calls on any backend.
 
-Contract (every backend):
+Contract of `Engine`:
 - `add_request` validates and enqueues; it raises `InvalidRequestError` (naming the field and
   the limit) before any compute for bad input, and never leaves a half-added request behind.
 - `step` runs one scheduling + forward iteration and returns the deltas it produced. It is
   called from one thread only (the engine loop); `add_request`, `abort` and `stats` may be
-  called from that same thread between steps. `AsyncEngine` below serialises them for you.
+  called from that same thread between steps. `engine.async_engine.AsyncEngine` serialises them.
 - Every request ends with exactly one delta with `finished=True`, a `finish_reason`
   ('stop', 'length' or 'abort') and `usage`; after `abort` that delta comes from the next step.
 - Same checkpoint, same prompt, same sampling params and seed ⇒ the same tokens, whatever else
@@ -16,7 +17,9 @@ Contract (every backend):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 
+from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.types import EngineRequest, EngineStats, RequestOutput
 
 
@@ -35,3 +38,40 @@ class Engine(ABC):
 
     @abstractmethod
     def stats(self) -> EngineStats: ...
+
+
+class ServingEngine(ABC):
+    """An engine as an engine replica serves it: async streams, whatever the backend.
+
+    Contract (every backend: `NativeServingEngine`, `VllmEngine`):
+    - `generate` checks the request first (`InvalidRequestError` naming the field and the
+      limit, the same checks on every backend: `engine.request_checks`), then streams deltas;
+      exactly one has `finished=True`, with `finish_reason`, `usage` and `timing`. Closing or
+      cancelling the iterator aborts the request and frees its KV blocks.
+    - A dead engine never hangs a caller: in-flight and new `generate` calls raise
+      `EngineDeadError`, and `error` says why (Serve's health check reads it).
+    - `stats` is cheap; `load_report` is safe from any thread (the hub publisher's).
+    - Greedy sampling gives the same tokens as the backend alone on the same checkpoint.
+    - `shutdown` stops the engine and every process it started.
+    """
+
+    spec: ModelSpec
+    max_model_len: int
+
+    @abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
+
+    @abstractmethod
+    async def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    def load_report(self) -> dict[str, int]:
+        """waiting, running, queued_prefill_tokens, free_kv_blocks, total_kv_blocks."""
+
+    @property
+    @abstractmethod
+    def error(self) -> BaseException | None:
+        """Why the engine stopped, or None while it runs."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...

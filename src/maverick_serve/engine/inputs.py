@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.engine import EngineCommonConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.types import EngineRequest, ImageInput, InvalidRequestError, SamplingParams
 from maverick_serve.model.image_processing import (
@@ -51,7 +51,7 @@ def special_ids_from_tokenizer(tokenizer: Tokenizer) -> SpecialTokenIds:
     )
 
 
-def image_config(spec: ModelSpec, cfg: EngineConfig) -> ImageProcessingConfig:
+def image_config(spec: ModelSpec, cfg: EngineCommonConfig) -> ImageProcessingConfig:
     vision = spec.vision
     geometry: dict[str, Any] = {}
     if vision is not None:
@@ -73,7 +73,7 @@ class InputProcessor:
         self,
         spec: ModelSpec,
         tokenizer: Tokenizer,
-        config: EngineConfig,
+        config: EngineCommonConfig,
         chat_template: str = LLAMA4_CHAT_TEMPLATE,
     ) -> None:
         self.spec = spec
@@ -83,7 +83,7 @@ class InputProcessor:
         self.chat_template = chat_template
 
     @classmethod
-    def from_pretrained(cls, model_dir: Path, spec: ModelSpec, config: EngineConfig) -> InputProcessor:
+    def from_pretrained(cls, model_dir: Path, spec: ModelSpec, config: EngineCommonConfig) -> InputProcessor:
         import json
 
         tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))

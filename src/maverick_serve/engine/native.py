@@ -1,6 +1,6 @@
 """The native engine: our scheduler, paged KV cache and Llama 4 model in one process.
 
-It runs on CPU and CUDA through the same code (`EngineConfig.device`).
+It runs on CPU and CUDA through the same code (`NativeEngineConfig.device`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.base import Engine
 from maverick_serve.engine.detokenizer import IncrementalDetokenizer
 from maverick_serve.engine.hooks import ExpertHooks, ExpertTierFactory, KVTierFactory, KVTierHooks
 from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager
+from maverick_serve.engine.request_checks import check_request
 from maverick_serve.engine.runner import ModelRunner
 from maverick_serve.engine.sampler import sample_token
 from maverick_serve.engine.scheduler import ScheduledChunk, Scheduler
@@ -40,7 +41,7 @@ from maverick_serve.model.llama4 import Llama4Model
 _RATE_WINDOW_S = 10.0
 
 
-def plan_kv_blocks(spec: ModelSpec, cfg: EngineConfig) -> dict[str, int]:
+def plan_kv_blocks(spec: ModelSpec, cfg: NativeEngineConfig) -> dict[str, int]:
     """Blocks per layer group. The chunked group never needs more than one chunk plus one step's
     tokens per sequence, so it is capped there and the rest of the memory goes to global layers."""
     if cfg.num_kv_blocks is not None:
@@ -72,7 +73,7 @@ class NativeEngine(Engine):
         self,
         model: Llama4Model,
         tokenizer: Tokenizer,
-        config: EngineConfig,
+        config: NativeEngineConfig,
         expert_tier: ExpertHooks | None = None,
         kv_tier: KVTierFactory | None = None,
     ) -> None:
@@ -109,13 +110,13 @@ class NativeEngine(Engine):
     def from_pretrained(
         cls,
         model_dir: Path,
-        config: EngineConfig | None = None,
+        config: NativeEngineConfig | None = None,
         expert_tier: ExpertTierFactory | None = None,
         kv_tier: KVTierFactory | None = None,
     ) -> NativeEngine:
         """Load the model; with an `expert_tier` the routed experts are not loaded here: they stay
         on the expert workers that the factory creates (or finds, when another replica did)."""
-        config = config or EngineConfig()
+        config = config or NativeEngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         model = load_model(
@@ -131,47 +132,7 @@ class NativeEngine(Engine):
     # ---- requests -------------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
         """Check a request against every limit; returns its max_tokens."""
-        t = self.spec.text
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise InvalidRequestError("prompt", "the prompt is empty")
-        bad = next((tok for tok in prompt if not 0 <= tok < t.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                "prompt", f"token id {bad} is outside the vocabulary (0..{t.vocab_size - 1})", t.vocab_size
-            )
-        if len(prompt) >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt",
-                f"the prompt has {len(prompt)} tokens; the context limit is {self.max_model_len} tokens "
-                "including at least one generated token",
-                self.max_model_len,
-            )
-        request.sampling.validate_against(self.config.max_logprobs, t.vocab_size)
-        room = self.max_model_len - len(prompt)
-        max_tokens = request.sampling.max_tokens
-        if max_tokens is not None and max_tokens > room:
-            raise InvalidRequestError(
-                "max_tokens",
-                f"max_tokens={max_tokens} exceeds the context left: {self.max_model_len} - {len(prompt)} "
-                f"prompt tokens = {room}",
-                room,
-            )
-        if len(request.images) > self.config.max_images_per_request:
-            raise InvalidRequestError(
-                "images",
-                f"{len(request.images)} images; at most {self.config.max_images_per_request} per request",
-                self.config.max_images_per_request,
-            )
-        if request.images and not self.spec.is_multimodal:
-            raise InvalidRequestError("images", "this model is text-only and cannot take images", 0)
-        n_patch = sum(tok == self.spec.image_token_index for tok in prompt)
-        n_feat = sum(img.num_patch_tokens for img in request.images)
-        if n_patch != n_feat:
-            raise InvalidRequestError(
-                "images", f"the prompt has {n_patch} image patch tokens but the images provide {n_feat}"
-            )
-        return max_tokens if max_tokens is not None else room
+        return check_request(request, self.spec, self.config, self.max_model_len)
 
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self.seqs:

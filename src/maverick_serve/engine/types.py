@@ -24,6 +24,10 @@ class InvalidRequestError(ValueError):
         self.limit = limit
 
 
+class EngineDeadError(RuntimeError):
+    """The engine stopped (crash or shutdown); in-flight requests cannot finish."""
+
+
 class SamplingParams(BaseModel):
     """How to pick tokens. Checked by `validate()` against the engine's limits, not on construction,
     so out-of-range values produce an `InvalidRequestError` that names the field."""

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any
 
+from maverick_serve.engine.base import ServingEngine
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.model.attention import GLOBAL_GROUP
 from maverick_serve.routing.cost import block_key
@@ -76,17 +77,29 @@ class HandleStateChannel(StateChannel):
 
 
 class StatePublisher:
-    def __init__(self, replica: str, engine: NativeEngine, channel: StateChannel, interval_s: float) -> None:
+    def __init__(
+        self,
+        replica: str,
+        engine: ServingEngine,
+        channel: StateChannel,
+        interval_s: float,
+        cache: NativeEngine | None = None,
+    ) -> None:
+        """`engine` gives the load; `cache`, the native engine whose prefix-cache and tier events
+        are reported (None: load only, so routers balance this replica by load alone)."""
         self.replica = replica
         self.engine = engine
+        self.cache = cache
         self.channel = channel
         self.interval_s = interval_s
-        self.events = engine.kv.enable_cache_events(EVENTS_MAXLEN)
+        self.events: deque[tuple[bool, bytes]] = (
+            cache.kv.enable_cache_events(EVENTS_MAXLEN) if cache is not None else deque()
+        )
         self.tier_events: deque[bytes] | None = None
         self.tier_shared = True
-        if engine.kv_connector is not None:
-            self.tier_events = engine.kv_connector.tier_events = deque(maxlen=EVENTS_MAXLEN)
-            self.tier_shared = engine.kv_connector.shared
+        if cache is not None and cache.kv_connector is not None:
+            self.tier_events = cache.kv_connector.tier_events = deque(maxlen=EVENTS_MAXLEN)
+            self.tier_shared = cache.kv_connector.shared
         self.need_reset = True
         self.hub_epoch: str | None = None
         self.stop = threading.Event()
@@ -115,7 +128,7 @@ class StatePublisher:
             tier = [block_key(self.tier_events.popleft()) for _ in range(len(self.tier_events))]
         reset = self.need_reset
         if reset:  # the full prefix cache instead of the events
-            pool_keys = list(self.engine.kv.pools[GLOBAL_GROUP].cached)
+            pool_keys = list(self.cache.kv.pools[GLOBAL_GROUP].cached) if self.cache is not None else []
             stored = dict.fromkeys(block_key(h) for h in pool_keys)
             evicted = {}
         return {

