@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.engine import VllmEngineConfig
 from maverick_serve.serving.builder import (
     ENGINE_DEPLOYMENT,
     ROUTER_DEPLOYMENT,
@@ -35,7 +36,13 @@ def test_every_deployment_file_validates(path: Path) -> None:
         cfg = ClusterConfig.model_validate(app["args"])
         assert cfg.app_name == app["name"]
         opts = deployment_options(cfg)
-        assert opts[ENGINE_DEPLOYMENT]["ray_actor_options"]["num_gpus"] == cfg.resources.engine.num_gpus
+        engine = opts[ENGINE_DEPLOYMENT]
+        bundles = engine.get("placement_group_bundles")
+        if bundles:  # vLLM over several GPUs: the bundles hold the GPUs, the replica actor none
+            assert sum(b.get("GPU", 0) for b in bundles) == cfg.resources.engine.num_gpus
+            assert engine["ray_actor_options"]["num_gpus"] == 0
+        else:
+            assert engine["ray_actor_options"]["num_gpus"] == cfg.resources.engine.num_gpus
         if "autoscaling_policy" in app:  # what `up` and the chart would write for these args
             ours, theirs = serve_application(cfg)["autoscaling_policy"], app["autoscaling_policy"]
             assert theirs["policy_function"] == ours["policy_function"]
@@ -49,10 +56,14 @@ def test_gpu_files_ask_for_gpus_and_local_runs_on_cpu() -> None:
     assert local.engine.device == "cpu" and local.resources.engine.num_gpus == 0
     assert local.resources.engine.replicas == 2
     mav = ClusterConfig.model_validate(by_name["maverick-8xh100.yaml"])
-    assert mav.engine.device == "cuda" and mav.resources.engine.num_gpus == 8
-    assert mav.engine.max_model_len == 430000
+    assert isinstance(mav.engine, VllmEngineConfig) and mav.engine.tensor_parallel_size == 8
+    assert mav.resources.engine.num_gpus == 8 and mav.engine.max_model_len == 430000
     scout = ClusterConfig.model_validate(by_name["scout-10m-8xh200.yaml"])
+    assert isinstance(scout.engine, VllmEngineConfig) and scout.engine.kv_cache_dtype == "fp8"
     assert scout.engine.max_model_len == 10485760
+    ep = ClusterConfig.model_validate(by_name["maverick-ep-2x8xh100-vllm.yaml"])
+    assert isinstance(ep.engine, VllmEngineConfig) and ep.engine.enable_expert_parallel
+    assert ep.engine.gpus_per_replica == ep.resources.engine.num_gpus == 16
 
 
 def test_unknown_field_is_named() -> None:

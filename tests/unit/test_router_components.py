@@ -296,3 +296,24 @@ async def _timed(dispatcher: Any, cost: Any) -> float:
         await dispatcher.choose_or_wait(cost)
     assert err.value.status == 429
     return loop.time() - t0
+
+
+def test_no_live_replica_is_a_503_and_a_full_tier_a_429() -> None:
+    from maverick_serve.model.image_processing import ImageProcessingConfig
+    from maverick_serve.routing.dispatcher import Dispatcher
+
+    cfg = ClusterConfig.model_validate({"router": {"routing": {"max_queue_per_replica": 4}}})
+    dispatcher = Dispatcher(cfg, preset("tiny"), None, None, ImageProcessingConfig())  # type: ignore[arg-type]
+    hub = ReplicaStateHub()
+    hub.publish(_report("a", reset=True, waiting=4))
+    dispatcher.view.apply(hub.poll(None, 0))
+    cost = dispatcher.price([1, 2, 3], [], None)
+    with pytest.raises(APIError) as full:
+        dispatcher.choose(cost)
+    assert full.value.status == 429 and full.value.code == "overloaded"
+    dispatcher.view.mark_failed("a")  # its engine died: the router saw the stream fail
+    with pytest.raises(APIError) as down:
+        dispatcher.choose(cost)
+    assert down.value.status == 503 and down.value.code == "unavailable"
+    assert "no engine replica is up (1 failed or stopped reporting)" in str(down.value)
+    assert down.value.headers["retry-after"]

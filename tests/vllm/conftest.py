@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs vLLM next to our package: run under .venv-vllm")
 
-from maverick_serve.model.make_model import TEXT_ONLY_SUBDIR  # noqa: E402
+from maverick_serve.model.make_model import TEXT_ONLY_SUBDIR
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,9 @@ def _greedy(server: EngineServer, rid: str, prompt: list[int], n: int) -> list[d
     return [lp for e in events for lp in (e["logprobs"] or [])]
 
 
-def test_greedy_tokens_agree_with_the_native_engine_up_to_a_near_tie(servers: dict[str, EngineServer]) -> None:
+def test_greedy_tokens_agree_with_the_native_engine_up_to_a_near_tie(
+    servers: dict[str, EngineServer],
+) -> None:
     rng = random.Random(7)
     compared = parted = 0
     for i in range(8):
@@ -154,3 +156,35 @@ def test_stats_and_autoscaling_signals_count_the_work(servers: dict[str, EngineS
     assert again[-1]["usage"]["cached_tokens"] == 32  # one full 32-token block (the last is recomputed)
     signals = server.record_autoscaling_stats()
     assert {"running", "waiting", "kv_usage", "pending_prompt_tokens", "ttft_p95_s"} <= set(signals)
+
+
+def test_a_dead_core_ends_every_request_with_engine_dead_and_fails_the_health_check(text_model: Path) -> None:
+    """Its own engine (this one dies). A request in flight and one sent right at the kill both end
+    within a second or two as a 503 event, and Serve's health check then fails."""
+    import psutil
+
+    server = EngineServer(_config(text_model, "vllm"), replica_name="dying")
+    try:
+        _run(_events(server, _item("warm", [5, 6, 7], max_tokens=2, temperature=0.0)))
+        cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
+        assert cores
+
+        async def kill_under_load() -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+            long = asyncio.ensure_future(_events(server, _item("long", [5] * 50, max_tokens=5000)))
+            await asyncio.sleep(1.0)
+            for p in cores:
+                p.kill()
+            t0 = asyncio.get_running_loop().time()
+            at_kill = await _events(server, _item("at-kill", [5, 6], max_tokens=5000, temperature=0.0))
+            return await long, at_kill, asyncio.get_running_loop().time() - t0
+
+        in_flight, at_kill, took = _run(asyncio.wait_for(kill_under_load(), 30))
+        for events in (in_flight, at_kill):
+            assert events[-1]["error"]["status"] == 503, events[-1]
+            assert "is down and is being replaced; retry" in events[-1]["error"]["message"]
+            assert "EngineDeadError" not in events[-1]["error"]["message"]
+        assert took < 5.0
+        with pytest.raises(RuntimeError, match="engine stopped"):
+            server.check_health()
+    finally:
+        server.shutdown()

@@ -143,6 +143,16 @@ class Dispatcher:
         if not self.view.replicas:  # no state yet (just started, or no hub): Serve's own choice
             return Decision([], "no_state", 0)
         decision = self.policy.choose(self.view, cost)
+        if decision is None and not self.view.alive():
+            # Not overload: every replica failed or went silent (a dead engine, a crashed node).
+            raise APIError(
+                503,
+                f"no engine replica is up ({len(self.view.replicas)} failed or stopped reporting); "
+                "Serve replaces failed replicas, retry shortly",
+                None,
+                "unavailable",
+                {"retry-after": str(self.routing.retry_after_s)},
+            )
         if decision is None:
             raise APIError(
                 429,
@@ -165,7 +175,7 @@ class Dispatcher:
             except APIError as exc:
                 coming = self.capacity_coming is not None and self.capacity_coming()
                 if exc.status != 429 or not coming or waited >= self.routing.scale_up_wait_s:
-                    self.metrics.rejection("all_replicas_full")
+                    self.metrics.rejection("all_replicas_full" if exc.status == 429 else "no_replica_up")
                     raise
             await asyncio.sleep(step)
             waited += step

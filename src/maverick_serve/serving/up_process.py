@@ -27,6 +27,7 @@ class UpProcess:
     dashboard_url: str
     metrics_url: str
     log: Path
+    pid: int  # the `up` process; Ray and every replica run in its session (os.getsid(pid))
 
 
 @contextlib.contextmanager
@@ -52,7 +53,11 @@ def run_up(
             env={**os.environ, **(env or {})},
         )
     up = UpProcess(
-        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", log
+        f"http://127.0.0.1:{port}",
+        f"http://127.0.0.1:{dash}",
+        f"http://127.0.0.1:{metrics}/metrics",
+        log,
+        proc.pid,
     )
     try:
         deadline = time.monotonic() + ready_timeout_s

@@ -16,12 +16,14 @@ one loop); all requests must come from that loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,9 @@ from maverick_serve.engine.vllm.sampling import finish_reason, token_logprobs, v
 from maverick_serve.engine.vllm.stats import CollectingStatLogger, StatsCollector
 
 logger = logging.getLogger(__name__)
+# How often a waiting request looks at the engine's health, and how long an abort may take.
+DEAD_CHECK_S = 0.5
+ABORT_TIMEOUT_S = 2.0
 
 
 def engine_args(
@@ -156,7 +161,10 @@ class VllmEngine(ServingEngine):
             request.request_id,
         )
         try:
-            async for out in stream:
+            while True:
+                out = await self._next_output(stream)
+                if out is None:
+                    return
                 now = time.monotonic()
                 choice = out.outputs[0]
                 new_ids = list(choice.token_ids)
@@ -188,7 +196,31 @@ class VllmEngine(ServingEngine):
         finally:
             self.queued_prefill_tokens -= pending
             # Unfinished (client gone, deadline): closing vLLM's stream aborts the request there.
-            await stream.aclose()
+            # Bounded: on a dead engine the abort has nobody to talk to.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.aclose(), ABORT_TIMEOUT_S)
+
+    async def _next_output(self, stream: AsyncGenerator[Any, None]) -> Any:
+        """vLLM's next output, or None at the end. vLLM fails the requests it has when its core
+        dies, but one added in the instant before it noticed would wait forever: we look at the
+        engine's health while waiting, so every request ends within `DEAD_CHECK_S` of a death."""
+        step = asyncio.ensure_future(stream.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=DEAD_CHECK_S)
+                if done:
+                    try:
+                        return step.result()
+                    except StopAsyncIteration:
+                        return None
+                if self.llm.errored:
+                    raise EngineDeadError(f"vLLM engine stopped: {self.error!r}")
+        except BaseException:  # cancelled (client gone, deadline) or dead: stop vLLM's stream too
+            if not step.done():
+                step.cancel()  # vLLM's generate aborts the request on CancelledError
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({step}, timeout=ABORT_TIMEOUT_S)
+            raise
 
     async def stats(self) -> EngineStats:
         return self.collector.snapshot()
