@@ -144,9 +144,6 @@ class VllmEngineConfig(EngineCommonConfig):
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="vLLM's executor; None: 'ray' when a replica spans GPUs, else 'mp'."
     )
-    start_timeout_s: float = Field(
-        600.0, gt=0, description="Longest wait for the engine to load and report ready."
-    )
     engine_args: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict,
         description="Further vLLM AsyncEngineArgs by name (checked at start); not the fields above.",

@@ -31,6 +31,48 @@ class UpProcess:
 
 
 @contextlib.contextmanager
+def run_server(
+    cmd: list[str],
+    log: Path,
+    ready_url: str,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 300.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `cmd` in its own session (output to `log`), yield once `ready_url` answers 200;
+    afterwards SIGINT it (as Ctrl-C would) and kill its whole session if it has not stopped
+    within a minute. Also used for `vllm serve` by the vLLM backend's tests."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(ready_url, timeout=2) as resp:
+                if resp.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{ready_url} not ready in {ready_timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(1)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
 def run_up(
     config: dict[str, Any],
     workdir: Path,
@@ -44,44 +86,6 @@ def run_up(
     cmd = [sys.executable, "-m", "maverick_serve.cli", "up", "--config", str(cfg_path), "--port", str(port)]
     cmd += ["--dashboard-port", str(dash), "--metrics-port", str(metrics)]
     cmd += ["--ready-timeout", str(int(ready_timeout_s * 0.8))]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
-    up = UpProcess(
-        f"http://127.0.0.1:{port}",
-        f"http://127.0.0.1:{dash}",
-        f"http://127.0.0.1:{metrics}/metrics",
-        log,
-        proc.pid,
-    )
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"maverick-serve up exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{up.api_url}/ready", timeout=2) as resp,
-            ):
-                if resp.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"cluster not ready in {ready_timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(1)
-        yield up
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    api = f"http://127.0.0.1:{port}"
+    with run_server(cmd, log, f"{api}/ready", env, ready_timeout_s) as proc:
+        yield UpProcess(api, f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", log, proc.pid)
