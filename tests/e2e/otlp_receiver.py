@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -91,11 +92,16 @@ class OtlpReceiver:
         with self.lock:
             return [s for s in self.spans if s.trace_id == trace_id]
 
-    def wait_for(self, trace_id: str, names: set[str], timeout_s: float = 30.0) -> list[ReceivedSpan]:
+    def wait_for(
+        self, trace_id: str, names: set[str], timeout_s: float = 30.0, counts: dict[str, int] | None = None
+    ) -> list[ReceivedSpan]:
+        """The trace once it has every name in `names`, and at least counts[name] spans of each
+        name counted (replicas export on their own schedules: one replica's spans can arrive alone)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             spans = self.trace(trace_id)
-            if names <= {s.name for s in spans}:
+            got = collections.Counter(s.name for s in spans)
+            if all(got[n] for n in names) and all(got[n] >= k for n, k in (counts or {}).items()):
                 return spans
             time.sleep(0.25)
         return self.trace(trace_id)

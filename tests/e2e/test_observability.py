@@ -110,7 +110,8 @@ def test_one_request_is_one_trace_with_every_hop(observed: RunningCluster, recei
         "engine.prefill",
         "engine.decode",
     }
-    receiver.wait_for(trace_id, expected)
+    # Two engine.generate: the prefill replica's and the decode replica's.
+    receiver.wait_for(trace_id, expected, counts={"engine.generate": 2})
     spans = receiver.wait_complete(trace_id, client_span)
     names = [s.name for s in spans]
     assert expected <= set(names), f"missing {expected - set(names)}; got {sorted(set(names))}"
