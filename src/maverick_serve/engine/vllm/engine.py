@@ -57,7 +57,12 @@ ABORT_TIMEOUT_S = 2.0
 
 
 def engine_args(
-    model_dir: Path, config: VllmEngineConfig, served_model_name: str, spec: ModelSpec, on_gpu: bool
+    model_dir: Path,
+    config: VllmEngineConfig,
+    served_model_name: str,
+    spec: ModelSpec,
+    on_gpu: bool,
+    kv_transfer: dict[str, Any] | None = None,
 ) -> AsyncEngineArgs:
     """AsyncEngineArgs from our config; `engine_args` keys that vLLM does not know are refused."""
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
@@ -90,6 +95,8 @@ def engine_args(
         or ("ray" if spans_gpus else "mp"),
         "disable_log_stats": False,  # our stat logger needs vLLM's stats
     }
+    if kv_transfer is not None:  # the KV tier's connector (built by the serving layer)
+        kwargs["kv_transfer_config"] = kv_transfer
     if spec.is_multimodal:
         kwargs["limit_mm_per_prompt"] = {"image": config.max_images_per_request}
     kwargs.update(config.engine_args)
@@ -104,6 +111,7 @@ class VllmEngine(ServingEngine):
         served_model_name: str,
         on_stats: Callable[[EngineStats], None] | None = None,
         stats_interval_s: float = 1.0,
+        kv_transfer: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.spec = ModelSpec.from_pretrained_dir(Path(model_dir))
@@ -114,7 +122,7 @@ class VllmEngine(ServingEngine):
         collector = self.collector
         started = time.monotonic()
         self.llm = AsyncLLM.from_engine_args(
-            engine_args(Path(model_dir), config, served_model_name, self.spec, on_gpu),
+            engine_args(Path(model_dir), config, served_model_name, self.spec, on_gpu, kv_transfer),
             stat_loggers=[lambda cfg, idx: CollectingStatLogger(cfg, idx, collector)],
         )
         self.collector.num_blocks = int(self.llm.vllm_config.cache_config.num_gpu_blocks or 0)
