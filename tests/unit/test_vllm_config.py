@@ -67,6 +67,25 @@ def test_a_replica_over_eight_gpus_gets_one_bundle_per_rank_and_the_gpus_are_cou
     assert engine["placement_group_strategy"] == "STRICT_PACK"  # TP stays on one node's NVLink
     assert engine["ray_actor_options"]["num_gpus"] == 0  # vLLM's Ray workers hold the GPUs
     assert required_resources(cfg)["GPU"] == 16
+    # Prefill replicas run the same vLLM engine: the same bundles, from their own resources.
+    split = ClusterConfig.model_validate(
+        {
+            "engine": {"backend": "vllm", "tensor_parallel_size": 8},
+            "kvtier": {"store": {"type": "redis", "url": "redis://r:6379/0"}},
+            "disaggregation": {"enabled": True, "prefill": {"replicas": 1, "num_cpus": 4, "num_gpus": 8}},
+            "resources": {"engine": {"replicas": 2, "num_cpus": 8, "num_gpus": 8}},
+        }
+    )
+    prefill = deployment_options(split)["LlamaPrefill"]
+    assert prefill["placement_group_bundles"][0] == {"CPU": 4, "GPU": 1.0}
+    assert len(prefill["placement_group_bundles"]) == 8 and prefill["ray_actor_options"]["num_gpus"] == 0
+    assert required_resources(split)["GPU"] == 24
+    with pytest.raises(
+        ValidationError, match=r"disaggregation\.prefill\.num_gpus is 2 but the vLLM engine spans 8"
+    ):
+        ClusterConfig.model_validate(
+            split.model_dump() | {"disaggregation": {"enabled": True, "prefill": {"num_gpus": 2}}}
+        )
     cpu = ClusterConfig.model_validate(VLLM)
     assert (
         engine_placement_bundles(cpu) == []

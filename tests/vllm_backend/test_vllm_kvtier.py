@@ -168,6 +168,31 @@ def test_a_flipped_bit_is_detected_and_recomputed(
     assert key in fresh and fresh[key] == values[key]
 
 
+def test_prefill_decode_split_equals_monolithic(
+    replicas: dict[str, EngineServer], store: RedisProcess
+) -> None:
+    client = redis.Redis.from_url(store.url)
+    client.flushall()
+    prompt = _prompt(8, 7 * TIER_BLOCK + 13)  # ends inside a chunk: chunked blocks hand over too
+    monolithic, _ = _greedy(replicas["a"], "pd-mono", prompt)
+    client.flushall()
+    LOOP.run_until_complete(replicas["a"].engine.llm.reset_prefix_cache())  # A forgets the prompt
+    item = {
+        "request_id": "pd",
+        "prompt_token_ids": prompt,
+        "sampling": {"max_tokens": 12, "temperature": 0.0},
+    }
+    # Prefill on B: it returns once the KV is in the tier (the hand-off keys are there).
+    handed = LOOP.run_until_complete(replicas["b"].prefill(item))
+    assert handed == {"prompt_tokens": len(prompt), "replica": "b"}
+    stored = _stored(client)
+    assert len(stored) == 7 + 1, sorted(stored)  # 7 global blocks + the last chunk's chunked block
+    # Decode on A from the tier: the prompt's 224 tokens come from B's prefill.
+    tokens, cached = _greedy(replicas["a"], "pd-decode", prompt)
+    assert cached == 7 * TIER_BLOCK
+    assert tokens == monolithic
+
+
 def test_redis_down_is_served_by_recompute(replicas: dict[str, EngineServer], store: RedisProcess) -> None:
     client = redis.Redis.from_url(store.url)
     client.flushall()

@@ -227,18 +227,16 @@ class ClusterConfig(BaseModel):
                 "processes, which an in-process memory store cannot serve: set kvtier.store.type: redis "
                 "or kvtier.enabled: false"
             )
-        if self.disaggregation.enabled:
-            raise ValueError(
-                "disaggregation hands KV over through the KV tier, which engine.backend: vllm does not "
-                "connect to yet; set disaggregation.enabled: false"
-            )
         ranks = self.engine.gpus_per_replica if isinstance(self.engine, VllmEngineConfig) else 1
-        gpus = self.resources.engine.num_gpus
-        if ranks > 1 and gpus not in (0, ranks):
-            raise ValueError(
-                f"resources.engine.num_gpus is {gpus:g} but the vLLM engine spans {ranks} GPUs "
-                "(tensor × pipeline × data parallel): set it to that, or 0 on CPU"
-            )
+        tiers = [("resources.engine", self.resources.engine)]
+        if self.disaggregation.enabled:  # prefill replicas run the same engine
+            tiers.append(("disaggregation.prefill", self.disaggregation.prefill))
+        for field, tier in tiers:
+            if ranks > 1 and tier.num_gpus not in (0, ranks):
+                raise ValueError(
+                    f"{field}.num_gpus is {tier.num_gpus:g} but the vLLM engine spans {ranks} GPUs "
+                    "(tensor × pipeline × data parallel): set it to that, or 0 on CPU"
+                )
 
     def scaled_tiers(self) -> list[str]:
         """Tiers the autoscaler sizes (prefill only exists with disaggregation)."""

@@ -145,6 +145,9 @@ class RequestOutput:
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
     timing: RequestTiming | None = None
+    # On the last delta, KV tier keys that will hold the end of the prompt once its write-behind
+    # stores land (vLLM backend: the tier connector names them; a prefill replica waits for them).
+    tier_keys: list[str] | None = None
 
 
 class EngineStats(BaseModel):

@@ -11,7 +11,8 @@ cannot serve two processes and is refused by the config.
 - Loads are asynchronous in vLLM's terms (the request waits in WAITING_FOR_REMOTE_KVS for one
   step): a failed load (missing, corrupt, store down) is reported as `failed_recving`, which
   vLLM turns into a recompute of the prompt. That is the only load-failure report vLLM 0.32
-  accepts with several KV cache groups (block-level reports are refused there).
+  accepts with several KV cache groups (block-level reports are refused there). A request
+  aborted while its load is with the worker keeps its blocks until that load reports back.
 - Stores are write-behind: the step copies its finished blocks out of the cache, the client's
   writer thread encodes and sends them, and a full queue drops blocks (a later miss).
 - Corrupt values (checksum, header) are deleted and the prompt recomputed: a miss, never a
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -123,7 +125,8 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         # scheduler side
         self.plans: dict[str, RequestPlan] = {}
         self.lookups: dict[str, tuple[int, int]] = {}  # request id -> (local tokens, tier hit)
-        self.pending_loads: dict[str, list[BlockItem]] = {}
+        self.pending_loads: dict[str, list[BlockItem]] = {}  # planned, not yet sent to the worker
+        self.loading: set[str] = set()  # sent to the worker, its finished_recving not back yet
         # worker side
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.block_shape: tuple[int, ...] = ()
@@ -189,6 +192,7 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = TierMetadata(loads=self.pending_loads)
+        self.loading |= set(self.pending_loads)
         self.pending_loads = {}
         for new in scheduler_output.scheduled_new_reqs:
             plan = self.plans.get(new.req_id)
@@ -219,20 +223,33 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
             meta.saves += save_items(self.layout, self._keys(plan), plan, computed, scheduled)
         return meta
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.loading -= set(connector_output.finished_recving or ())
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._forget(request.request_id)
-        return False, None
+        return self._finished(request.request_id)
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
-        self._forget(request.request_id)
-        return False, None
+        return self._finished(request.request_id)
 
-    def _forget(self, rid: str) -> None:
-        self.plans.pop(rid, None)
+    def _finished(self, rid: str) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request. True (keep its blocks) while the worker may still be writing a
+        load into them: vLLM frees them when that load's finished_recving arrives. The params
+        (they reach the request's output) name the keys of the prompt's last stored step:
+        stores go out in order, so once they are there the prompt's KV is (the P/D hand-off)."""
+        plan = self.plans.pop(rid, None)
         self.lookups.pop(rid, None)
         self.pending_loads.pop(rid, None)
+        params = None
+        n = plan.prompt_len // self.layout.tier_block if plan is not None else 0
+        if plan is not None and n and plan.chunked_stored:
+            keys = self._keys(plan)
+            last = [keys.key(GLOBAL, n - 1)]
+            last += [keys.key(CHUNKED, i) for i in range(self.layout.chunk_first(plan.prompt_len), n)]
+            params = {"tier_keys": last}
+        return rid in self.loading, params
 
     # ---- worker side -----------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from maverick_serve.autoscaling.serve_policy import APP_POLICY_PATH, TIER_POLICY_PATH
-from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.cluster import ClusterConfig, ReplicaResources
 from maverick_serve.config.engine import VllmEngineConfig
 from maverick_serve.routing.hub import ReplicaStateHub
 from maverick_serve.serving.engine_server import EngineServer
@@ -84,15 +84,16 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "logging_config": logging_config,
         },
     }
-    bundles = engine_placement_bundles(config)
-    if bundles:  # vLLM over several GPUs: its Ray workers take the GPUs, the replica sits in bundle 0
-        engine = options[ENGINE_DEPLOYMENT]
-        engine["ray_actor_options"]["num_gpus"] = 0
-        engine["placement_group_bundles"] = bundles
-        single_node = isinstance(config.engine, VllmEngineConfig) and (
-            config.engine.pipeline_parallel_size == config.engine.data_parallel_size == 1
-        )
-        engine["placement_group_strategy"] = "STRICT_PACK" if single_node else "PACK"
+    single_node = isinstance(config.engine, VllmEngineConfig) and (
+        config.engine.pipeline_parallel_size == config.engine.data_parallel_size == 1
+    )
+    for name, resources in ((ENGINE_DEPLOYMENT, e), (PREFILL_DEPLOYMENT, p)):  # prefill replicas are engines
+        bundles = engine_placement_bundles(config, resources)
+        if bundles:  # vLLM over several GPUs: its Ray workers take the GPUs, the replica sits in bundle 0
+            deployment = options[name]
+            deployment["ray_actor_options"]["num_gpus"] = 0
+            deployment["placement_group_bundles"] = bundles
+            deployment["placement_group_strategy"] = "STRICT_PACK" if single_node else "PACK"
     if config.autoscaling.enabled:
         for name in scaled_deployments(config):
             tier = TIER_OF_DEPLOYMENT[name]
@@ -103,10 +104,13 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
     return options
 
 
-def engine_placement_bundles(config: ClusterConfig) -> list[dict[str, float]]:
-    """One GPU bundle per vLLM rank of an engine replica that spans GPUs (tensor × pipeline ×
-    data parallel), the replica's own CPUs and custom resources in bundle 0; [] otherwise."""
-    e = config.resources.engine
+def engine_placement_bundles(
+    config: ClusterConfig, resources: ReplicaResources | None = None
+) -> list[dict[str, float]]:
+    """One GPU bundle per vLLM rank of an engine (or prefill: `resources`) replica that spans GPUs
+    (tensor × pipeline × data parallel), the replica's own CPUs and custom resources in bundle 0;
+    [] otherwise."""
+    e = resources or config.resources.engine
     if not isinstance(config.engine, VllmEngineConfig) or e.num_gpus == 0:
         return []
     ranks = config.engine.gpus_per_replica
@@ -187,7 +191,7 @@ def required_resources(config: ClusterConfig) -> dict[str, float]:
         "GPU": r.replicas * r.num_gpus
         + e.replicas * (len(engine_placement_bundles(config)) or e.num_gpus)
         + workers * x.worker_num_gpus
-        + (p.replicas * p.num_gpus if p else 0),
+        + (p.replicas * (len(engine_placement_bundles(config, p)) or p.num_gpus) if p else 0),
     }
 
 

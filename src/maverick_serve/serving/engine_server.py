@@ -31,6 +31,8 @@ from maverick_serve.engine.types import (
     RequestOutput,
     RequestTiming,
 )
+from maverick_serve.kvtier.client import KVTierClient
+from maverick_serve.kvtier.connector import make_store
 from maverick_serve.observability.tracing import engine_steps, record_span, span_attributes, tracer
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
 from maverick_serve.serving.engine_factory import load_serving_engine
@@ -38,6 +40,9 @@ from maverick_serve.serving.latency_window import LatencyWindow
 from maverick_serve.serving.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
+# vLLM prefill role: how long to wait for the prompt's KV to land in the tier, and how often to look.
+HANDOFF_TIMEOUT_S = 30.0
+HANDOFF_POLL_S = 0.02
 
 
 def _replica_name() -> str:
@@ -115,6 +120,11 @@ class EngineServer:
         # The native engine's own KV cache: prefix-cache events for the hub, the tier connector.
         self.native = self.engine.native if isinstance(self.engine, NativeServingEngine) else None
         self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
+        # vLLM backend: the tier connector stores from vLLM's worker process; this replica only
+        # looks keys up, to know when a prefill's KV has landed (the P/D hand-off).
+        self.tier_lookup: KVTierClient | None = None
+        if self.native is None and cfg.kvtier.enabled:
+            self.tier_lookup = KVTierClient(make_store(cfg.kvtier), None, 1, cfg.kvtier.breaker)
         self.publisher: StatePublisher | None = None
         if hub is not None:  # report load and cache contents to the routers
             channel = hub if isinstance(hub, StateChannel) else HandleStateChannel(hub)
@@ -191,7 +201,7 @@ class EngineServer:
         """Prefill role: compute the prompt, store its KV in the tier, return once it is stored.
         The one sampled token is dropped; the decode replica samples the first token itself."""
         connector = self.native.kv_connector if self.native is not None else None
-        if connector is None:
+        if connector is None and self.tier_lookup is None:
             return error_event(503, "prefill replica has no KV tier to hand the prompt over")
         work = EngineWorkItem.model_validate(item)
         work.sampling = work.sampling.model_copy(update={"max_tokens": 1, "stop": [], "logprobs": None})
@@ -202,9 +212,26 @@ class EngineServer:
         if "error" in last:
             return last
         stored = time.monotonic()
-        await asyncio.to_thread(connector.flush)
+        if connector is not None:
+            await asyncio.to_thread(connector.flush)
+        else:  # vLLM: wait (bounded) until the keys of the prompt's last stored step are there
+            await self._landed(last.get("tier_keys") or [], HANDOFF_TIMEOUT_S)
         record_span("kvtier.store", stored, time.monotonic(), {"maverick.tokens": len(work.prompt_token_ids)})
         return {"prompt_tokens": len(work.prompt_token_ids), "replica": self.replica}
+
+    async def _landed(self, keys: list[str], timeout_s: float) -> bool:
+        """True once every key is in the tier; False at the deadline (the decode replica then
+        recomputes what is missing: slower, never wrong)."""
+        assert self.tier_lookup is not None
+        deadline = time.monotonic() + timeout_s
+        while keys:
+            if all(await asyncio.to_thread(self.tier_lookup.exists_many, keys)):
+                return True
+            if time.monotonic() > deadline:
+                logger.warning("prefill hand-off: %d tier keys not stored after %g s", len(keys), timeout_s)
+                return False
+            await asyncio.sleep(HANDOFF_POLL_S)
+        return True
 
     async def stats(self) -> dict[str, Any]:
         stats = await self.engine.stats()
@@ -246,6 +273,8 @@ class EngineServer:
     def shutdown(self) -> None:
         """Stop the engine (and the processes it started); tests and benchmarks call it."""
         self.engine.shutdown()
+        if self.tier_lookup is not None:
+            self.tier_lookup.close()
 
     def __del__(self) -> None:
         publisher = getattr(self, "publisher", None)

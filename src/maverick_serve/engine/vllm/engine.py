@@ -194,6 +194,7 @@ class VllmEngine(ServingEngine):
                     delta.stop_reason = choice.stop_reason
                     delta.usage = Usage(prompt_len, completion, int(out.num_cached_tokens or 0))
                     delta.timing = timing
+                    delta.tier_keys = (out.kv_transfer_params or {}).get("tier_keys")
                 yield delta
                 if out.finished:
                     return
