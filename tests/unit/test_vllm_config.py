@@ -31,6 +31,13 @@ def test_a_section_without_backend_is_the_native_engine_and_vllm_is_its_own_vari
             "which an in-process memory store cannot serve: set kvtier.store.type",
         ),
         (
+            {
+                "engine": {"backend": "vllm", "tensor_parallel_size": 2},
+                "kvtier": {"store": {"type": "redis", "url": "redis://r:6379/0"}},
+            },
+            r"engine.tensor_parallel_size and engine.pipeline_parallel_size of 1 for now",
+        ),
+        (
             {"experts": {"mode": "disaggregated"}},
             "experts.mode: disaggregated runs only on engine.backend: native",
         ),
@@ -70,7 +77,7 @@ def test_a_replica_over_eight_gpus_gets_one_bundle_per_rank_and_the_gpus_are_cou
     # Prefill replicas run the same vLLM engine: the same bundles, from their own resources.
     split = ClusterConfig.model_validate(
         {
-            "engine": {"backend": "vllm", "tensor_parallel_size": 8},
+            "engine": {"backend": "vllm", "data_parallel_size": 8},  # (the tier refuses TP > 1 for now)
             "kvtier": {"store": {"type": "redis", "url": "redis://r:6379/0"}},
             "disaggregation": {"enabled": True, "prefill": {"replicas": 1, "num_cpus": 4, "num_gpus": 8}},
             "resources": {"engine": {"replicas": 2, "num_cpus": 8, "num_gpus": 8}},

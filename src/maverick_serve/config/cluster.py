@@ -221,6 +221,15 @@ class ClusterConfig(BaseModel):
                 "experts.mode: disaggregated runs only on engine.backend: native; with vllm use "
                 "engine.enable_expert_parallel (vLLM's own expert parallel)"
             )
+        e = self.engine
+        assert isinstance(e, VllmEngineConfig)
+        if self.kvtier.enabled and (e.tensor_parallel_size > 1 or e.pipeline_parallel_size > 1):
+            # Each rank holds a shard of the KV (heads, or layers); tier keys are not per rank yet.
+            raise ValueError(
+                "kvtier with engine.backend: vllm needs engine.tensor_parallel_size and "
+                "engine.pipeline_parallel_size of 1 for now (the tier keys are not per rank); "
+                "set kvtier.enabled: false or use data_parallel_size"
+            )
         if self.kvtier.enabled and self.kvtier.store.type != "redis":
             raise ValueError(
                 "engine.backend: vllm runs the KV tier's connector in vLLM's scheduler and worker "

@@ -127,6 +127,7 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         self.lookups: dict[str, tuple[int, int]] = {}  # request id -> (local tokens, tier hit)
         self.pending_loads: dict[str, list[BlockItem]] = {}  # planned, not yet sent to the worker
         self.loading: set[str] = set()  # sent to the worker, its finished_recving not back yet
+        self.failed: set[str] = set()  # a load failed: recompute, never look it up again
         # worker side
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.block_shape: tuple[int, ...] = ()
@@ -157,8 +158,12 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        if request.mm_features:  # image prompts: the tier keys text tokens only on this backend
+        rid = request.request_id
+        if request.mm_features or rid in self.failed:  # images: text keys only; failed: recompute
             return 0, False
+        known = self.lookups.get(rid)
+        if known is not None and known[0] == num_computed_tokens:  # asked again while blocked
+            return known[1] - num_computed_tokens, True
         plan = self._plan(request)
         usable = min(len(plan.hashes), (plan.prompt_len - 1) // self.layout.tier_block)
         if usable * self.layout.tier_block <= num_computed_tokens:
@@ -195,16 +200,16 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         self.loading |= set(self.pending_loads)
         self.pending_loads = {}
         for new in scheduler_output.scheduled_new_reqs:
+            if new.mm_features:  # not in the tier on this backend
+                continue
             plan = self.plans.get(new.req_id)
             if plan is None:
                 prompt = list(new.prompt_token_ids or [])
                 hashes = chain_block_hashes(prompt, self.layout.tier_block, [], [])
                 plan = self.plans[new.req_id] = RequestPlan(hashes, len(prompt))
-            if new.mm_features:
-                continue
             plan.tables = [list(ids) for ids in new.block_ids]
             scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-            meta.saves += save_items(self.layout, self._keys(plan), plan, new.num_computed_tokens, scheduled)
+            meta.saves += self._saves(plan, new.num_computed_tokens, scheduled)
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             plan = self.plans.get(rid)
@@ -220,11 +225,20 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
             if computed >= plan.prompt_len:
                 continue  # decoding: nothing of the prompt left to store
             scheduled = scheduler_output.num_scheduled_tokens.get(rid, 0)
-            meta.saves += save_items(self.layout, self._keys(plan), plan, computed, scheduled)
+            meta.saves += self._saves(plan, computed, scheduled)
         return meta
+
+    def _saves(self, plan: RequestPlan, computed: int, scheduled: int) -> list[BlockItem]:
+        items = save_items(self.layout, self._keys(plan), plan, computed, scheduled)
+        if items:
+            plan.last_saved = [it.key for it in items]
+        return items
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self.loading -= set(connector_output.finished_recving or ())
+        # vLLM recomputes a failed load; a second lookup would find the same keys and fail again
+        # (e.g. values listed but not fetchable in time).
+        self.failed |= set(connector_output.failed_recving or ())
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._finished(request.request_id)
@@ -242,13 +256,9 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         plan = self.plans.pop(rid, None)
         self.lookups.pop(rid, None)
         self.pending_loads.pop(rid, None)
-        params = None
-        n = plan.prompt_len // self.layout.tier_block if plan is not None else 0
-        if plan is not None and n and plan.chunked_stored:
-            keys = self._keys(plan)
-            last = [keys.key(GLOBAL, n - 1)]
-            last += [keys.key(CHUNKED, i) for i in range(self.layout.chunk_first(plan.prompt_len), n)]
-            params = {"tier_keys": last}
+        self.failed.discard(rid)
+        # Only keys this request stored: a prompt whose blocks were local hits names none.
+        params = {"tier_keys": plan.last_saved} if plan is not None and plan.last_saved else None
         return rid in self.loading, params
 
     # ---- worker side -----------------------------------------------------------------------

@@ -137,6 +137,7 @@ class RequestPlan:
     tables: list[list[int]] = field(default_factory=list)  # vLLM block ids per group
     global_stored: int = 0  # tier blocks [0, this) are in the tier
     chunked_stored: bool = False
+    last_saved: list[str] = field(default_factory=list)  # keys of the last step that stored any
 
 
 def item(
