@@ -29,6 +29,7 @@ from maverick_serve.engine.sequence import Sequence
 from maverick_serve.kvtier.client import KVTierClient, PendingStore
 from maverick_serve.kvtier.codec import CorruptBlockError, decode_block, encode_block_parts
 from maverick_serve.kvtier.keys import block_key, model_fingerprint
+from maverick_serve.kvtier.layout import longest_tier_hit
 from maverick_serve.kvtier.store import KVStore, KVStoreError, MemoryKVStore, StoreValue
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVCache
 
@@ -148,16 +149,7 @@ class KVTierConnector(KVTierHooks):
         keys_c = [self._key(CHUNKED_GROUP, h) for h in hashes[:usable]]
         present = self.client.exists_many(keys_g + keys_c)  # one round trip for every candidate
         have_g, have_c = present[:usable], present[usable:]
-        best = 0
-        run = 0
-        while run < usable and have_g[run]:
-            run += 1
-        for n in range(run, 0, -1):
-            tokens = n * self.block_size
-            first = self._chunk_first_block(tokens)
-            if all(have_c[first:n]):
-                best = tokens
-                break
+        best = longest_tier_hit(have_g, have_c, self.block_size, self._chunk_first_block)
         if best <= local_hit:
             self.client.stats.miss_tokens += seq.prompt_len
             return 0

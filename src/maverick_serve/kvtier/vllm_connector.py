@@ -144,12 +144,12 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
             )
 
     # ---- scheduler side --------------------------------------------------------------------
-    def _plan(self, request: Request) -> RequestPlan:
-        plan = self.plans.get(request.request_id)
+    def _plan(self, rid: str, prompt_token_ids: list[int] | None) -> RequestPlan:
+        plan = self.plans.get(rid)
         if plan is None:
-            prompt = list(request.prompt_token_ids or [])
+            prompt = list(prompt_token_ids or [])
             hashes = chain_block_hashes(prompt, self.layout.tier_block, [], [])
-            plan = self.plans[request.request_id] = RequestPlan(hashes, len(prompt))
+            plan = self.plans[rid] = RequestPlan(hashes, len(prompt))
         return plan
 
     def _keys(self, plan: RequestPlan) -> KeyMaker:
@@ -164,7 +164,7 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         known = self.lookups.get(rid)
         if known is not None and known[0] == num_computed_tokens:  # asked again while blocked
             return known[1] - num_computed_tokens, True
-        plan = self._plan(request)
+        plan = self._plan(request.request_id, request.prompt_token_ids)
         usable = min(len(plan.hashes), (plan.prompt_len - 1) // self.layout.tier_block)
         if usable * self.layout.tier_block <= num_computed_tokens:
             return 0, False
@@ -187,7 +187,7 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         if num_external_tokens <= 0 or lookup is None:
             return
         computed, hit = lookup
-        plan = self._plan(request)
+        plan = self._plan(request.request_id, request.prompt_token_ids)
         tables = [list(ids) for ids in blocks.get_block_ids()]
         items = load_items(self.layout, self._keys(plan), tables, computed, hit)
         self.pending_loads[rid] = items  # [] is reported as a failed load: a recompute
@@ -202,19 +202,15 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         for new in scheduler_output.scheduled_new_reqs:
             if new.mm_features:  # not in the tier on this backend
                 continue
-            plan = self.plans.get(new.req_id)
-            if plan is None:
-                prompt = list(new.prompt_token_ids or [])
-                hashes = chain_block_hashes(prompt, self.layout.tier_block, [], [])
-                plan = self.plans[new.req_id] = RequestPlan(hashes, len(prompt))
+            plan = self._plan(new.req_id, new.prompt_token_ids)
             plan.tables = [list(ids) for ids in new.block_ids]
             scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
             meta.saves += self._saves(plan, new.num_computed_tokens, scheduled)
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
-            plan = self.plans.get(rid)
-            if plan is None:
+            if rid not in self.plans:  # images, or not seen by the lookup
                 continue
+            plan = self.plans[rid]
             new_ids = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids and new_ids is not None:  # all its blocks, afresh
                 plan.tables = [list(ids) for ids in new_ids]
@@ -335,10 +331,6 @@ class Llama4TierConnector(KVConnectorBase_V1, SupportsHMA):
         done, failed = self.finished_loads, self.failed_loads
         self.finished_loads, self.failed_loads = set(), set()
         return KVConnectorTransferResults(finished_recving=done, failed_recving=failed)
-
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        results = self.get_transfer_results(finished_req_ids)
-        return None, results.finished_recving
 
     def shutdown(self) -> None:
         self.client.flush(5.0)  # queued stores get their chance; the client bounds the wait

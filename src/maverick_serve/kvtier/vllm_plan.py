@@ -20,6 +20,7 @@ from typing import Any
 
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.kvtier.keys import block_key
+from maverick_serve.kvtier.layout import longest_tier_hit
 
 GLOBAL = "global"
 CHUNKED = "chunked"
@@ -106,16 +107,8 @@ def check_layout(layout: TierLayout) -> None:
 
 
 def longest_hit(have_global: list[bool], have_chunked: list[bool], layout: TierLayout) -> int:
-    """Tokens of the longest prefix the tier can supply: a run of global blocks, and the chunked
-    blocks of the chunk that holds its end."""
-    run = 0
-    while run < len(have_global) and have_global[run]:
-        run += 1
-    for n in range(run, 0, -1):
-        tokens = n * layout.tier_block
-        if all(have_chunked[layout.chunk_first(tokens) : n]):
-            return tokens
-    return 0
+    """Tokens of the longest prefix the tier can supply, by the rule the native connector follows."""
+    return longest_tier_hit(have_global, have_chunked, layout.tier_block, layout.chunk_first)
 
 
 @dataclass
