@@ -317,3 +317,30 @@ def test_no_live_replica_is_a_503_and_a_full_tier_a_429() -> None:
     assert down.value.status == 503 and down.value.code == "unavailable"
     assert "no engine replica is up (1 failed or stopped reporting)" in str(down.value)
     assert down.value.headers["retry-after"]
+
+
+def test_merged_engine_events_keep_every_token_and_the_last_end_state() -> None:
+    from maverick_serve.serving.openai_format import merge_events
+
+    first = {
+        "text_delta": "a",
+        "new_token_ids": [1],
+        "logprobs": None,
+        "finished": False,
+        "finish_reason": None,
+        "usage": None,
+        "replica": "r1",
+    }
+    later = {
+        "text_delta": "bc",
+        "new_token_ids": [2, 3],
+        "logprobs": [{"t": 2}],
+        "finished": True,
+        "finish_reason": "length",
+        "usage": {"completion_tokens": 3},
+    }
+    merged = merge_events(first, later)
+    assert merged["text_delta"] == "abc" and merged["new_token_ids"] == [1, 2, 3]
+    assert merged["logprobs"] == [{"t": 2}] and merged["replica"] == "r1"
+    assert merged["finished"] and merged["finish_reason"] == "length"
+    assert merged["usage"] == {"completion_tokens": 3} and first["text_delta"] == "a"

@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from maverick_serve.engine.base import Engine
-from maverick_serve.engine.types import EngineDeadError, EngineRequest, EngineStats, RequestOutput
+from maverick_serve.engine.types import (
+    EngineDeadError,
+    EngineRequest,
+    EngineStats,
+    RequestOutput,
+    merge_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +123,21 @@ class AsyncEngine:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
+                # Deltas that piled up while this caller was busy leave as one: fewer messages
+                # across Ray and HTTP under load, and nothing waits that was already here.
+                failure: BaseException | None = None
+                while not item.finished and not q.empty():
+                    later = q.get_nowait()
+                    if isinstance(later, BaseException):
+                        failure = later
+                        break
+                    item = merge_outputs(item, later)
                 yield item
                 if item.finished:
                     finished = True
                     return
+                if failure is not None:
+                    raise failure
         finally:
             if not finished and self._error is None and not self._stopped.is_set():
                 self._commands.put(lambda: self.engine.abort(request.request_id))

@@ -7,7 +7,14 @@ import torch
 from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager, flat_slots
 from maverick_serve.engine.scheduler import ScheduledChunk
 from maverick_serve.engine.sequence import Sequence
-from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, ForwardBatch, GroupBatch, PagedKVCache
+from maverick_serve.model.attention import (
+    CHUNKED_GROUP,
+    GLOBAL_GROUP,
+    AttentionPart,
+    ForwardBatch,
+    GroupBatch,
+    PagedKVCache,
+)
 from maverick_serve.model.llama4 import Llama4Model
 
 
@@ -41,81 +48,94 @@ class ModelRunner:
     def build_batch(
         self, chunks: list[ScheduledChunk], all_logits: bool = False
     ) -> tuple[ForwardBatch, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        # Rows are laid out part after part (decodes, then prefill chunks) so each part attends
+        # without padding to the other's query length; logits rows keep the chunks' order.
+        decodes = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
+        others = [i for i, c in enumerate(chunks) if c.num_tokens != 1]
+        part_order = [p for p in (decodes, others) if p]
         ids: list[int] = []
         positions: list[torch.Tensor] = []
-        pad_index: list[torch.Tensor] = []
-        logits_rows: list[int] = []
+        slots: dict[str, list[torch.Tensor]] = {g: [] for g in GROUPS}
         images: list[tuple[torch.Tensor, torch.Tensor]] = []
-        qmax = max(c.num_tokens for c in chunks)
-        per_group: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]] = {
-            g: [] for g in GROUPS
-        }
+        first_row: dict[int, int] = {}
+        parts: list[AttentionPart] = []
         row = 0
-        for b, c in enumerate(chunks):
-            seq = c.seq
-            ids.extend(seq.all_token_ids[c.start : c.end])
-            qpos = torch.arange(c.start, c.end)
-            positions.append(qpos)
-            pad_index.append(b * qmax + torch.arange(c.num_tokens))
+        for members in part_order:
+            qmax = max(chunks[i].num_tokens for i in members)
+            part_start = row
+            pad_index: list[torch.Tensor] = []
+            per_group: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {g: [] for g in GROUPS}
+            for b, i in enumerate(members):
+                c = chunks[i]
+                seq = c.seq
+                first_row[i] = row
+                ids.extend(seq.all_token_ids[c.start : c.end])
+                qpos = torch.arange(c.start, c.end)
+                positions.append(qpos)
+                pad_index.append(b * qmax + torch.arange(c.num_tokens))
+                img = self._image_rows(c, row)
+                if img is not None:
+                    images.append(img)
+                for group in GROUPS:
+                    table = seq.blocks.tables[group]
+                    kstart = self.kv.chunk_start(c.start) if group == CHUNKED_GROUP else 0
+                    keys = flat_slots(table, self.block_size, kstart, c.end)
+                    # The new tokens' slots are the tail of the keys' slots (kstart <= c.start).
+                    slots[group].append(keys[c.start - kstart :])
+                    per_group[group].append((keys, qpos, kstart))
+                row += c.num_tokens
+            parts.append(
+                AttentionPart(
+                    row_start=part_start,
+                    row_end=row,
+                    query_pad_index=torch.cat(pad_index).to(self.device),
+                    num_seqs=len(members),
+                    max_query_len=qmax,
+                    groups={g: self._group_batch(g, items, qmax) for g, items in per_group.items()},
+                )
+            )
+        logits_rows: list[int] = []
+        for i, c in enumerate(chunks):
             if all_logits:
-                logits_rows.extend(range(row, row + c.num_tokens))
+                logits_rows.extend(range(first_row[i], first_row[i] + c.num_tokens))
             elif c.samples:
-                logits_rows.append(row + c.num_tokens - 1)
-            img = self._image_rows(c, row)
-            if img is not None:
-                images.append(img)
-            for group in GROUPS:
-                table = seq.blocks.tables[group]
-                kstart = self.kv.chunk_start(c.start) if group == CHUNKED_GROUP else 0
-                keys = flat_slots(table, self.block_size, kstart, c.end)
-                # The new tokens' slots are the tail of the keys' slots (kstart <= c.start).
-                per_group[group].append((keys[c.start - kstart :], keys, qpos, kstart))
-            row += c.num_tokens
-
-        groups = {group: self._group_batch(group, items, qmax) for group, items in per_group.items()}
+                logits_rows.append(first_row[i] + c.num_tokens - 1)
         batch = ForwardBatch(
             positions=torch.cat(positions).to(self.device),
-            query_pad_index=torch.cat(pad_index).to(self.device),
-            num_seqs=len(chunks),
-            max_query_len=qmax,
-            groups=groups,
+            slot_mapping={g: torch.cat(s).to(self.device) for g, s in slots.items()},
+            parts=parts,
             logits_index=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return batch, torch.tensor(ids, dtype=torch.long, device=self.device), images
 
     def _group_batch(
-        self, group: str, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], qmax: int
+        self, group: str, items: list[tuple[torch.Tensor, torch.Tensor, int]], qmax: int
     ) -> GroupBatch:
-        """Addressing of one layer group. Global groups with many keys skip the dense mask (its
-        Q × K booleans alone would be gigabytes at millions of keys) and attend block-wise."""
-        kmax = max(keys.numel() for _, keys, _, _ in items)
+        """Key addressing of one layer group in one part. Global groups with many keys skip the
+        dense mask (its Q × K booleans alone would be gigabytes at millions of keys) and attend
+        block-wise."""
+        kmax = max(keys.numel() for keys, _, _ in items)
         gather = torch.zeros(len(items), kmax, dtype=torch.long)
-        for b, (_, keys, _, _) in enumerate(items):
+        for b, (keys, _, _) in enumerate(items):
             gather[b, : keys.numel()] = keys
-        slot_mapping = torch.cat([s for s, _, _, _ in items]).to(self.device)
         if group == GLOBAL_GROUP and kmax > self.key_block:
             qpos = torch.zeros(len(items), qmax, dtype=torch.long)
-            for b, (_, _, q, _) in enumerate(items):
+            for b, (_, q, _) in enumerate(items):
                 qpos[b, : q.numel()] = q
-            lengths = torch.tensor([keys.numel() for _, keys, _, _ in items], dtype=torch.long)
+            lengths = torch.tensor([keys.numel() for keys, _, _ in items], dtype=torch.long)
             return GroupBatch(
-                slot_mapping,
-                gather.to(self.device),
-                None,
-                qpos.to(self.device),
-                lengths.to(self.device),
-                self.key_block,
+                gather.to(self.device), None, qpos.to(self.device), lengths.to(self.device), self.key_block
             )
         mask = torch.zeros(len(items), 1, qmax, kmax, dtype=torch.bool)
         mask[:, 0, :, 0] = True  # padded query rows attend one key instead of none (no NaN)
-        for b, (_, keys, qpos_b, kstart) in enumerate(items):
+        for b, (keys, qpos_b, kstart) in enumerate(items):
             kpos = torch.arange(kstart, kstart + keys.numel())
             m = kpos[None, :] <= qpos_b[:, None]
             if group == CHUNKED_GROUP:
                 m &= (kpos[None, :] // self.chunk_size) == (qpos_b[:, None] // self.chunk_size)
             mask[b, 0, : m.shape[0], :] = False
             mask[b, 0, : m.shape[0], : m.shape[1]] = m
-        return GroupBatch(slot_mapping, gather.to(self.device), mask.to(self.device))
+        return GroupBatch(gather.to(self.device), mask.to(self.device))
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> torch.Tensor:

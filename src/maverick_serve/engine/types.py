@@ -5,6 +5,7 @@ All of these are plain data (pydantic / dataclasses) so they cross process bound
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -148,6 +149,20 @@ class RequestOutput:
     # On the last delta, KV tier keys that will hold the end of the prompt once its write-behind
     # stores land (vLLM backend: the tier connector names them; a prefill replica waits for them).
     tier_keys: list[str] | None = None
+
+
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One delta carrying both: `first`'s tokens then `later`'s, and `later`'s end state (finish,
+    usage, timing, tier keys). Used to send deltas that piled up as one message."""
+    logprobs = None
+    if first.logprobs is not None or later.logprobs is not None:
+        logprobs = [*(first.logprobs or []), *(later.logprobs or [])]
+    return dataclasses.replace(
+        later,
+        new_token_ids=[*first.new_token_ids, *later.new_token_ids],
+        text_delta=first.text_delta + later.text_delta,
+        logprobs=logprobs,
+    )
 
 
 class EngineStats(BaseModel):

@@ -25,9 +25,8 @@ GLOBAL_GROUP = "global"
 
 @dataclass
 class GroupBatch:
-    """Per layer-group addressing of one forward step.
+    """Per layer-group key addressing of one attention part.
 
-    slot_mapping: [T] flat cache slot (block * block_size + offset) each new token's K/V goes to.
     gather_index: [B, K] flat cache slots of the keys each sequence attends to (padding: any slot).
     mask: [B, 1, Q, K] boolean, True where query i of sequence b may attend key j; None for the
         block-wise path of long global attention, which derives causality per key block from
@@ -35,7 +34,6 @@ class GroupBatch:
     key_block: keys per block of the block-wise path.
     """
 
-    slot_mapping: torch.Tensor
     gather_index: torch.Tensor
     mask: torch.Tensor | None
     query_positions: torch.Tensor | None = None
@@ -44,18 +42,31 @@ class GroupBatch:
 
 
 @dataclass
-class ForwardBatch:
-    """Everything a forward step needs besides the token embeddings.
+class AttentionPart:
+    """Sequences whose queries attend in one padded, batched call: rows [row_start, row_end) of
+    the step. Decodes (one query each) and prefill chunks are separate parts, so a 512-token
+    chunk in the step does not pad every decode to 512 queries."""
 
-    Tokens of all sequences are flattened to T rows; `query_pad_index` places row t at
-    `b * max_query_len + i` of a padded [B, Q] layout so attention runs as one batched call.
-    """
-
-    positions: torch.Tensor
-    query_pad_index: torch.Tensor
+    row_start: int
+    row_end: int
+    query_pad_index: torch.Tensor  # part row r -> b * max_query_len + i of the padded [B, Q] layout
     num_seqs: int
     max_query_len: int
     groups: dict[str, GroupBatch]
+
+
+@dataclass
+class ForwardBatch:
+    """Everything a forward step needs besides the token embeddings.
+
+    Tokens of all sequences are flattened to T rows (the parts' rows, part after part);
+    slot_mapping[group] is the [T] flat cache slot (block * block_size + offset) each new token's
+    K/V goes to.
+    """
+
+    positions: torch.Tensor
+    slot_mapping: dict[str, torch.Tensor]
+    parts: list[AttentionPart]
     logits_index: torch.Tensor
 
 
@@ -121,15 +132,25 @@ class Attention(nn.Module):
         if self.temperature_tuning and temp_scales is not None:
             q = (q * temp_scales[:, None, None]).to(q.dtype)
 
-        group = batch.groups[self.group]
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
-        k_cache.index_copy_(0, group.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, group.slot_mapping, v.to(v_cache.dtype))
+        slots = batch.slot_mapping[self.group]
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+        outs = [self._attend(q[p.row_start : p.row_end], p, k_cache, v_cache) for p in batch.parts]
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
-        b, qlen = batch.num_seqs, batch.max_query_len
-        padded = q.new_zeros(b * qlen, self.num_heads, d)
-        padded[batch.query_pad_index] = q
-        queries = padded.view(b, qlen, self.num_heads, d).transpose(1, 2)  # [B, h, Q, d]
+    def _attend(
+        self, q: torch.Tensor, part: AttentionPart, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        d = self.spec.head_dim
+        group = part.groups[self.group]
+        b, qlen = part.num_seqs, part.max_query_len
+        if qlen == 1:  # decodes: no padding, the rows are the sequences
+            queries = q.view(b, 1, self.num_heads, d).transpose(1, 2)
+        else:
+            padded = q.new_zeros(b * qlen, self.num_heads, d)
+            padded[part.query_pad_index] = q
+            queries = padded.view(b, qlen, self.num_heads, d).transpose(1, 2)  # [B, h, Q, d]
         if group.mask is None:
             out = blockwise_attention(queries, k_cache, v_cache, group, d**-0.5).to(q.dtype)
         else:
@@ -138,8 +159,8 @@ class Attention(nn.Module):
             out = nn.functional.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=group.mask, scale=d**-0.5, enable_gqa=True
             )
-        out = out.transpose(1, 2).reshape(b * qlen, self.num_heads * d)[batch.query_pad_index]
-        return self.o_proj(out)
+        out = out.transpose(1, 2).reshape(b * qlen, self.num_heads * d)
+        return out if qlen == 1 else out[part.query_pad_index]
 
 
 def blockwise_attention(

@@ -29,6 +29,18 @@ class Choice:
             self.usage = event["usage"] or {}
 
 
+def merge_events(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Two engine deltas of one choice as one: both texts and tokens, the later end state."""
+    merged = {**first, **later}
+    merged["text_delta"] = first["text_delta"] + later["text_delta"]
+    merged["new_token_ids"] = [*first["new_token_ids"], *later["new_token_ids"]]
+    if first.get("logprobs") or later.get("logprobs"):
+        merged["logprobs"] = [*(first.get("logprobs") or []), *(later.get("logprobs") or [])]
+    if "replica" in first:
+        merged["replica"] = first["replica"]
+    return merged
+
+
 class ResponseFormatter:
     def __init__(self, model_name: str, tokenizer: Tokenizer) -> None:
         self.model_name = model_name

@@ -33,7 +33,7 @@ from maverick_serve.routing.dispatcher import Dispatcher, Opened
 from maverick_serve.routing.metrics import RouterMetrics
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel
 from maverick_serve.serving.latency_window import RateWindow
-from maverick_serve.serving.openai_format import Choice, ResponseFormatter, sse_data, usage
+from maverick_serve.serving.openai_format import Choice, ResponseFormatter, merge_events, sse_data, usage
 from maverick_serve.serving.replica_watch import ReplicaWatch
 from maverick_serve.serving.request_builder import RequestBuilder
 
@@ -364,9 +364,20 @@ class RouterServer:
                     role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                     yield sse_data(head | {"choices": [role | {"finish_reason": None}]})
             done = 0
+            held: tuple[int, dict[str, Any] | None] | None = None
             while done < n:
                 try:
-                    i, event = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                    if held is not None:
+                        (i, event), held = held, None
+                    else:
+                        i, event = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                    # Events of this choice that are already queued go out as one chunk.
+                    while event is not None and "error" not in event and not queue.empty():
+                        j, later = queue.get_nowait()
+                        if j != i or later is None or "error" in later:
+                            held = (j, later)
+                            break
+                        event = merge_events(event, later)
                 except TimeoutError:
                     self.dispatcher.metrics.rejection("deadline")
                     limit = self.config.router.request_timeout_s
