@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from maverick_serve.bench.commands import add_bench_parsers
-from maverick_serve.cli_common import CLIError, batch_sizes, default_tiny_model, positive
+from maverick_serve.cli_common import (
+    CLIError,
+    batch_sizes,
+    default_engine_threads,
+    default_tiny_model,
+    positive,
+)
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.engine import EngineCommonConfig, NativeEngineConfig
 from maverick_serve.config.model import ModelConfigError, ModelSpec
@@ -102,8 +107,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     engine = config.engine
     if isinstance(engine, NativeEngineConfig) and engine.device == "cpu" and engine.num_threads is None:
         # Split the cores between engine replicas instead of letting each take all of them.
-        per = max(1, (os.cpu_count() or 1) // resources.engine.replicas)
-        engine = engine.model_copy(update={"num_threads": per})
+        engine = engine.model_copy(update={"num_threads": default_engine_threads(resources.engine.replicas)})
     config = config.model_validate(
         {**config.model_dump(), **updates, "resources": resources, "http": http, "engine": engine}
     )

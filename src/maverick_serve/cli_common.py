@@ -4,6 +4,7 @@ and the tiny checkpoint built on first use."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from maverick_serve.config.presets import preset
@@ -44,3 +45,10 @@ def default_tiny_model(seed: int = 0) -> Path:
         print(f"building the tiny Llama 4 checkpoint in {path} (seed {seed}) ...", flush=True)
         make_model(preset("tiny"), path, seed=seed, text_only_variant=True)
     return path
+
+
+def default_engine_threads(engine_replicas: int) -> int:
+    """Torch threads of each native CPU engine replica under `up`: the cores less one, which the
+    proxy, router and state hub need (on 2 cores, 2 engine threads fighting them for CPU served
+    0.78x the tokens of 1: `bench peers`), split between the engine replicas."""
+    return max(1, ((os.cpu_count() or 1) - 1) // max(1, engine_replicas))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +64,8 @@ def api(tiny_model: Path) -> Iterator[Api]:
     cfg = ClusterConfig.model_validate(
         {
             "model": {"path": str(tiny_model), "served_model_name": MODEL},
-            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096},
+            # Every step's delta sent on its own (merging is tested below): per-token streams.
+            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096, "stream_interval_s": 0},
             "router": {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_images_per_request": 2},
         }
     ).model_dump(mode="json")
@@ -247,3 +249,36 @@ def test_body_over_limit_is_413_and_replica_still_serves(api: Api) -> None:
     assert r.status_code == 413 and "300000-byte limit" in r.json()["error"]["message"]
     ok = api.post("/v1/chat/completions", _chat("still alive?"))
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+
+
+def test_engine_replica_merges_deltas_per_stream_interval(tiny_model: Path) -> None:
+    """After the first token (sent alone, at once), deltas leave at most every
+    stream_interval_s, merged; every token arrives in order and the last event finishes."""
+    from maverick_serve.engine.types import SamplingParams
+
+    cfg = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(tiny_model), "served_model_name": MODEL},
+            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096, "stream_interval_s": 0.1},
+        }
+    ).model_dump(mode="json")
+    server = EngineServer(cfg)
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def collect() -> list[tuple[list[int], bool, float]]:
+        item = {"request_id": "merged", "prompt_token_ids": [5, 6, 7, 8], "sampling": params.model_dump()}
+        loop = asyncio.get_running_loop()
+        return [(e["new_token_ids"], e["finished"], loop.time()) async for e in server.generate(item)]
+
+    loop = asyncio.new_event_loop()
+    try:
+        events = loop.run_until_complete(collect())
+    finally:
+        server.shutdown()
+        loop.close()
+    assert sum(len(ids) for ids, _, _ in events) == 200
+    assert len(events[0][0]) == 1 and events[-1][1] and not any(f for _, f, _ in events[:-1])
+    span = events[-1][2] - events[0][2]
+    assert 2 <= len(events) <= 2 + span / 0.1 + 1, (len(events), span)  # one message per interval
+    gaps = [b[2] - a[2] for a, b in itertools.pairwise(events[:-1])]  # the finished one leaves at once
+    assert all(g >= 0.09 for g in gaps), gaps

@@ -101,3 +101,15 @@ def test_bad_input_gets_a_400_naming_the_field(stack: UpProcess, body: dict[str,
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_vllm_bench_client_loads_the_stack(stack: UpProcess, text_model: Path) -> None:
+    """`bench peers`' client (vllm bench serve's, driven through its module) against our stack:
+    every request completes and the figures are read back."""
+    from maverick_serve.bench.peers_bench import Workload, client_command, run_client
+
+    w = Workload(input_len=64, output_len=16, num_prompts=8, concurrency=4, max_model_len=MAX_MODEL_LEN)
+    result = run_client(client_command(Path(sys.executable), stack.api_url, text_model, w, w.num_prompts))
+    assert result["completed"] == 8 and result["failed"] == 0, result
+    assert result["output_tok_s"] > 0 and 0 < result["ttft_p50_ms"] <= result["ttft_p99_ms"]
+    assert result["itl_p50_ms"] > 0

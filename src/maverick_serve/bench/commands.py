@@ -6,7 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from maverick_serve.cli_common import CLIError, batch_sizes, default_tiny_model, positive
+from maverick_serve.cli_common import (
+    CLIError,
+    batch_sizes,
+    default_engine_threads,
+    default_tiny_model,
+    positive,
+)
 from maverick_serve.config.engine import NativeEngineConfig
 
 
@@ -232,6 +238,37 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_peers(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.peers_bench import PEERS, Workload, format_table, results_json, run_bench
+    from maverick_serve.bench.vllm_cpu import VLLM_UNAVAILABLE_MESSAGE, find_vllm_python
+
+    unknown = [p for p in args.peers if p not in PEERS]
+    if unknown:
+        raise CLIError(f"--peers: unknown {', '.join(unknown)} (choose from {', '.join(PEERS)})")
+    python = find_vllm_python(args.vllm_python)
+    if python is None:  # the client itself is vLLM's
+        raise CLIError(
+            "bench peers loads every server with `vllm bench serve`'s client.\n" + VLLM_UNAVAILABLE_MESSAGE
+        )
+    model = args.model or default_tiny_model()
+    w = Workload(
+        input_len=args.input_len,
+        output_len=args.output_len,
+        num_prompts=args.num_prompts,
+        concurrency=args.concurrency,
+        rounds=args.rounds,
+    )
+    threads = default_engine_threads(1)  # what `up` gives its one engine replica
+    try:
+        results, alone = run_bench(model, args.peers, python, w, threads)
+    except ValueError as exc:
+        raise CLIError(f"--model: {exc}") from exc
+    print(format_table(results, alone, threads, w))
+    if args.json is not None:
+        args.json.write_text(results_json(results, alone))
+    return 0
+
+
 def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench", required=True
@@ -344,6 +381,27 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     bk.add_argument("--rounds", type=positive, default=3, help="vllm: rounds (a fresh prompt each)")
     bk.set_defaults(func=cmd_bench_kvtier)
+
+    bp = bench.add_parser(
+        "peers",
+        help="our stack (native and vLLM backend) beside vllm serve and Ray Serve LLM, one client "
+        "(vllm bench serve's), one run: tok/s, TTFT, ITL, ratios, and the engine alone",
+    )
+    bp.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    bp.add_argument(
+        "--peers",
+        type=lambda s: [p for p in s.split(",") if p],
+        default=["vllm-serve", "ray-serve-llm", "native", "vllm-backend"],
+        help="comma-separated: vllm-serve, ray-serve-llm, native, vllm-backend",
+    )
+    bp.add_argument("--input-len", type=positive, default=256)
+    bp.add_argument("--output-len", type=positive, default=64)
+    bp.add_argument("--num-prompts", type=positive, default=64)
+    bp.add_argument("--concurrency", type=positive, default=16)
+    bp.add_argument("--rounds", type=positive, default=3, help="measured client runs per server (medians)")
+    bp.add_argument("--vllm-python", type=Path, default=None, help="python of the vllm-cpu venv")
+    bp.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    bp.set_defaults(func=cmd_bench_peers)
 
     br = bench.add_parser(
         "router",

@@ -43,6 +43,15 @@ class EngineCommonConfig(BaseModel):
         8192 * 8192, gt=0, description="Largest decoded image (width × height) accepted."
     )
     seed: int = Field(0, description="Seed of requests that set none, so sampling is reproducible.")
+    stream_interval_s: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="After a stream's first token (sent at once), its deltas leave the engine "
+        "replica at most this often, merged: one message per interval instead of one per step "
+        "crosses Ray and HTTP (Ray Serve LLM batches streams at 50 ms too). 0 sends every step's "
+        "delta.",
+    )
 
 
 class NativeEngineConfig(EngineCommonConfig):
@@ -63,7 +72,10 @@ class NativeEngineConfig(EngineCommonConfig):
         "this many keys (bounded memory for very long prompts).",
     )
     num_threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads on CPU; None leaves torch's default."
+        None,
+        gt=0,
+        description="torch intra-op threads on CPU; None leaves torch's default (`maverick-serve up` "
+        "on CPU sets the cores less one, split between engine replicas).",
     )
 
 

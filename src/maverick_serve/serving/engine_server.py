@@ -30,6 +30,7 @@ from maverick_serve.engine.types import (
     InvalidRequestError,
     RequestOutput,
     RequestTiming,
+    merge_outputs,
 )
 from maverick_serve.kvtier.client import KVTierClient
 from maverick_serve.kvtier.connector import make_store
@@ -101,6 +102,7 @@ class EngineServer:
         model_dir = Path(cfg.model.path)
         self.config = cfg
         self.replica = replica_name or _replica_name()
+        self.stream_interval_s = cfg.engine.stream_interval_s
         self.metrics = EngineMetrics(self.replica, cfg.model.served_model_name)
         on_stats = self.metrics.record if self.metrics.enabled else None
         if on_stats is None:  # plain Python (tests, bench): stats stay readable via stats()
@@ -165,13 +167,13 @@ class EngineServer:
                 ),
             )
             request.record_steps = span.is_recording() and engine_steps()
+            held: RequestOutput | None = None
+            sent = started
             try:
                 async for out in self.engine.generate(request):
-                    event = dataclasses.asdict(out)
                     now = time.monotonic()
-                    if first:  # tells the router where the request runs
-                        event["replica"] = self.replica
-                        first = False
+                    send_now = first or out.finished or now - sent >= self.stream_interval_s
+                    if first:
                         self.pending_prompt_tokens -= pending
                         pending = 0
                         self.ttft.add(now - started)
@@ -184,6 +186,16 @@ class EngineServer:
                         self.metrics.request_finished(out.timing, out.finish_reason)
                         if span.is_recording():
                             _engine_spans(span, out.timing, out)
+                    # After the first token, deltas leave at most every stream_interval_s, merged:
+                    # one message per interval instead of one per step crosses Ray and HTTP.
+                    held = out if held is None else merge_outputs(held, out)
+                    if not send_now:
+                        continue
+                    event = dataclasses.asdict(held)
+                    held, sent = None, now
+                    if first:  # tells the router where the request runs
+                        event["replica"] = self.replica
+                        first = False
                     yield event
             finally:
                 self.pending_prompt_tokens -= pending

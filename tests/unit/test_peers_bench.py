@@ -1,0 +1,72 @@
+"""`bench peers`' table: medians, ratios to vllm serve, the stack vs the engine alone, verdicts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from maverick_serve.bench.commands import add_bench_parsers
+from maverick_serve.bench.peers_bench import PeerResult, Workload, client_command, format_table
+
+
+def _round(tps: float, p99: float) -> dict[str, float]:
+    return {
+        "output_tok_s": tps,
+        "ttft_p50_ms": p99 / 2,
+        "ttft_p99_ms": p99,
+        "itl_p50_ms": 10.0,
+        "itl_p99_ms": 30.0,
+        "failed": 0,
+    }
+
+
+def test_table_reports_medians_ratios_and_verdicts() -> None:
+    vllm = PeerResult("vllm-serve", "vllm serve", [_round(900, 100), _round(1000, 120), _round(1200, 90)])
+    ours = PeerResult("native", "ours", [_round(700, 200), _round(850, 140), _round(800, 150)])
+    ray = PeerResult("ray-serve-llm", "Ray Serve LLM", skipped="`import ray.serve.llm` fails: no pyarrow")
+    table = format_table([vllm, ray, ours], alone=[1000.0, 1100.0, 900.0], threads=2, w=Workload())
+    assert "1,000.0" in table and "800.0" in table and "0.80x" in table  # medians, not means
+    assert "no pyarrow" in table
+    assert "the stack keeps 0.80x of it" in table
+    assert "0.80x (meets)" in table
+    assert "TTFT p99 <= 1.5x vllm serve's: 1.50x (meets)" in table  # 150 vs 100
+
+
+def test_table_says_when_a_target_is_missed() -> None:
+    vllm = PeerResult("vllm-serve", "vllm serve", [_round(1000, 100)])
+    ours = PeerResult("native", "ours", [_round(300, 400)])
+    table = format_table([vllm, ours], alone=None, threads=2, w=Workload(rounds=1))
+    assert "0.30x (MISSES)" in table and "4.00x (MISSES)" in table
+
+
+def test_client_command_is_vllm_bench_serve_s_workload(tmp_path: Path) -> None:
+    w = Workload(input_len=100, output_len=10, concurrency=3)
+    cmd = client_command(tmp_path / "python", "http://h:1", tmp_path / "tok", w, prompts=7)
+    joined = " ".join(cmd)
+    for part in (
+        "--random-input-len 100",
+        "--random-output-len 10",
+        "--num-prompts 7",
+        "--max-concurrency 3",
+        "--ignore-eos",
+        "--base-url http://h:1",
+        "--dataset-name random",
+    ):
+        assert part in joined
+
+
+def test_unknown_peer_is_a_cli_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from maverick_serve.cli import main
+
+    assert main(["bench", "peers", "--peers", "vllm-serve,sglang"]) == 2
+    assert "--peers: unknown sglang" in capsys.readouterr().err
+
+
+def test_parser_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_parsers(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["bench", "peers"])
+    assert args.peers == ["vllm-serve", "ray-serve-llm", "native", "vllm-backend"]
+    assert (args.input_len, args.output_len, args.num_prompts, args.concurrency) == (256, 64, 64, 16)
