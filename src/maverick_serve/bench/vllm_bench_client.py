@@ -27,7 +27,6 @@ def _ms(result: dict[str, Any], key: str) -> float | None:
 
 
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
-    errors = sorted({str(e)[:200] for e in result.get("errors", []) if e})
     return {
         "output_tok_s": float(result["output_throughput"]),
         "completed": int(result["completed"]),
@@ -37,7 +36,6 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "ttft_p99_ms": _ms(result, "p99_ttft_ms"),
         "itl_p50_ms": _ms(result, "median_itl_ms"),
         "itl_p99_ms": _ms(result, "p99_itl_ms"),
-        "errors": errors[:3],
     }
 
 
