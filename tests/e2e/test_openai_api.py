@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -127,6 +128,36 @@ def test_two_replicas_serve_concurrent_identical_requests(client: openai.OpenAI,
     engine_line = next(line for line in status.stdout.splitlines() if "LlamaEngine" in line)
     assert "running 2" in engine_line and "HEALTHY" in engine_line
     assert "Router" in status.stdout
+
+
+def test_a_burst_far_past_the_replicas_seats_is_served_not_refused(cluster: Any) -> None:
+    """160 requests at once on 2 replicas: admission by predicted wait queues them (they all fit
+    the 600 s deadline); the old fixed bound of 32 not-yet-started requests per replica refused
+    all but 64."""
+
+    async def burst() -> list[int]:
+        client = openai.AsyncOpenAI(
+            base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=300
+        )
+
+        async def one(i: int) -> int:
+            try:
+                await client.chat.completions.create(
+                    model=MODEL_NAME,
+                    messages=[{"role": "user", "content": f"burst request {i} " + "word " * 60}],
+                    max_tokens=4,
+                )
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(160))))
+        finally:
+            await client.close()
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(200) == 160, {s: statuses.count(s) for s in set(statuses)}
 
 
 BAD = [

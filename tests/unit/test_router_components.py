@@ -16,6 +16,7 @@ from maverick_serve.config import preset
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.routing import AuthConfig, RoutingConfig
 from maverick_serve.engine.kv_cache import chain_block_hashes
+from maverick_serve.routing.admission import Admission, predicted_wait_s, retry_after
 from maverick_serve.routing.auth import ApiKeyAuth, hash_key
 from maverick_serve.routing.cost import CostModel, RequestCost, block_key
 from maverick_serve.routing.hub import ReplicaStateHub
@@ -90,6 +91,13 @@ def _view(clock: Clock, loads: dict[str, dict[str, int]], cached: dict[str, list
     return view
 
 
+def _choose(policy: Any, view: ClusterView, cost: RequestCost) -> Any:
+    """What the dispatcher does: the policy ranks the replicas admission lets through."""
+    admission = Admission(view.cfg)
+    candidates = [e for e in view.alive() if admission.verdict(e, cost, 1, 600.0).admit]
+    return policy.choose(view, cost, candidates) if candidates else None
+
+
 def test_a_replica_leaving_the_hub_is_dropped_by_routers_with_its_cache_entries() -> None:
     clock = Clock()
     hub = ReplicaStateHub(expiry_s=60.0, clock=clock)
@@ -111,31 +119,31 @@ def test_policies_rank_by_their_scorers() -> None:
     view = _view(clock, loads, {"a": [10, 11, 12, 13]})
     cost = RequestCost(prompt_tokens=80, block_keys=[10, 11, 12, 13, 14])
     cache = make_policy(RoutingConfig(policy="cache_aware"), engine_block=16, tier_block=256)
-    decision = cache.choose(view, cost)
+    decision = _choose(cache, view, cost)
     assert decision is not None and decision.ranked[0] == "a" and decision.reason == "prefix"
     assert decision.predicted_hit_tokens == 64 and "c" not in decision.ranked  # c's queue is full
-    least = make_policy(RoutingConfig(policy="least_load"), 16, 256).choose(view, cost)
+    least = _choose(make_policy(RoutingConfig(policy="least_load"), 16, 256), view, cost)
     assert least is not None and least.ranked == ["b", "a"]
     rr = make_policy(RoutingConfig(policy="round_robin"), 16, 256)
-    firsts = [d.ranked[0] for d in (rr.choose(view, cost), rr.choose(view, cost)) if d]
+    firsts = [d.ranked[0] for d in (_choose(rr, view, cost), _choose(rr, view, cost)) if d]
     assert sorted(firsts) == ["a", "b"]
     view.replicas["a"].load.waiting = 4
     view.replicas["b"].load.waiting = 4
-    assert cache.choose(view, cost) is None  # every live replica full → the router answers 429
+    assert _choose(cache, view, cost) is None  # every live replica full → the router answers 429
 
 
 def test_session_stickiness_and_image_spreading() -> None:
     clock = Clock()
     view = _view(clock, {"a": {}, "b": {}}, {})
     policy = make_policy(RoutingConfig(policy="multimodal_cache_aware"), 16, 256)
-    first = policy.choose(view, RequestCost(prompt_tokens=40, session="user-1"))
+    first = _choose(policy, view, RequestCost(prompt_tokens=40, session="user-1"))
     assert first is not None
-    again = policy.choose(view, RequestCost(prompt_tokens=40, session="user-1"))
+    again = _choose(policy, view, RequestCost(prompt_tokens=40, session="user-1"))
     assert again is not None and again.ranked[0] == first.ranked[0] and again.reason == "session"
     images = RequestCost(prompt_tokens=1200, image_tokens=1100, image_tiles=7, vision_work=200)
     picks = []
     for _ in range(6):
-        d = policy.choose(view, images)
+        d = _choose(policy, view, images)
         assert d is not None
         picks.append(d.ranked[0])
         view.on_sent(d.ranked[0], images.work, images.image_tokens + images.vision_work)
@@ -319,6 +327,80 @@ def test_no_live_replica_is_a_503_and_a_full_tier_a_429() -> None:
     assert down.value.headers["retry-after"]
 
 
+def _measured(**load: float) -> dict[str, float]:
+    """A replica that measured 1000 prompt tokens/s, 20 ms steps and 4 finished/s."""
+    return {"max_num_seqs": 8, "prefill_tokens_per_s": 1000.0, "step_s": 0.02, "finished_per_s": 4.0, **load}
+
+
+def test_admission_predicts_the_wait_from_queued_tokens_and_seats() -> None:
+    clock = Clock()
+    view = _view(clock, {"a": _measured(queued_prefill_tokens=2000, running=8, waiting=3)}, {})
+    a = view.replicas["a"]
+    # 2000 tokens at 1000/s, then 3 waiting + itself = 4 requests must leave at 4/s
+    assert predicted_wait_s(a) == pytest.approx(2.0 + 1.0)
+    view.on_sent("a", 500.0, 0.0)  # sent by this router, not yet reported: counted too
+    assert predicted_wait_s(a) == pytest.approx(2.5 + 1.25)
+    cold = _view(clock, {"b": {"waiting": 3, "queued_prefill_tokens": 2000}}, {})
+    assert predicted_wait_s(cold.replicas["b"]) is None  # nothing measured yet: no prediction
+
+
+def test_admission_admits_within_the_deadline_and_refuses_past_it() -> None:
+    clock = Clock()
+    cfg = RoutingConfig(
+        max_queue_per_replica=100, max_queued_tokens_per_replica=50_000, deadline_headroom=1.0
+    )
+    view = ClusterView(cfg, clock=clock)
+    hub = ReplicaStateHub(clock=clock)
+    hub.publish(_report("a", reset=True, **_measured(queued_prefill_tokens=4000, running=8, waiting=6)))
+    hub.publish(_report("idle", reset=True, **_measured()))
+    view.apply(hub.poll(None, 0))
+    admission = Admission(cfg)
+    busy, idle = view.replicas["a"], view.replicas["idle"]
+    cost = RequestCost(prompt_tokens=1000, max_tokens=50)  # own run: 1 s prefill + 50 × 20 ms
+    wait = 4.0 + 7 / 4.0
+    assert admission.verdict(busy, cost, 1, budget_s=wait + 2.0 + 0.01).admit
+    halved = Admission(cfg.model_copy(update={"deadline_headroom": 0.5}))
+    assert not halved.verdict(busy, cost, 1, budget_s=wait + 2.0 + 0.01).admit  # half the time left
+    refused = admission.verdict(busy, cost, 1, budget_s=wait + 2.0 - 1.5)
+    assert not refused.admit and refused.reason == "deadline"
+    assert refused.retry_after_s == pytest.approx(1.5)  # the queue drains in real time
+    assert retry_after([refused], default_s=1) == 2  # whole seconds, rounded up
+    # An idle replica admits whatever the budget: alone is the best it can do.
+    assert admission.verdict(idle, cost, 1, budget_s=0.1).admit
+    # Memory bounds hold without any prediction.
+    many = admission.verdict(busy, cost, 95, budget_s=1e9)
+    assert not many.admit and many.reason == "queue_full"
+    assert many.retry_after_s == pytest.approx((6 + 95 - 100) / 4.0)
+    huge = admission.verdict(busy, RequestCost(prompt_tokens=46_001), 1, budget_s=1e9)
+    assert not huge.admit and huge.reason == "tokens_full"
+    assert admission.verdict(idle, RequestCost(prompt_tokens=10_000_000), 1, budget_s=1e9).admit
+    off = Admission(cfg.model_copy(update={"admit_by_predicted_wait": False}))
+    assert off.verdict(busy, cost, 1, budget_s=0.1).admit  # bounds only
+    assert retry_after([], default_s=3) == 3
+
+
+def test_the_dispatcher_answers_429_naming_the_deadline_and_retry_after() -> None:
+    from maverick_serve.model.image_processing import ImageProcessingConfig
+    from maverick_serve.routing.dispatcher import Dispatcher
+
+    cfg = ClusterConfig.model_validate(
+        {"router": {"request_timeout_s": 5.0, "routing": {"deadline_headroom": 1.0}}}
+    )
+    dispatcher = Dispatcher(cfg, preset("tiny"), None, None, ImageProcessingConfig())  # type: ignore[arg-type]
+    hub = ReplicaStateHub()
+    hub.publish(_report("a", reset=True, **_measured(queued_prefill_tokens=9000, running=8, waiting=40)))
+    hub.publish(_report("b", reset=True, **_measured(queued_prefill_tokens=3000, running=8, waiting=10)))
+    dispatcher.view.apply(hub.poll(None, 0))
+    cost = dispatcher.price([1, 2, 3], [], None, max_tokens=10)
+    with pytest.raises(APIError) as err:
+        dispatcher.choose(cost)
+    assert err.value.status == 429 and err.value.code == "overloaded"
+    assert "shortest predicted queue wait 5.8 s, 5.0 s left of router.request_timeout_s=5" in str(err.value)
+    # b: 3 s + 11/4 s wait + 3 ms + 0.2 s own run, 5 s left → about 1 s to drain
+    assert err.value.headers["retry-after"] == "1"
+    assert dispatcher.choose(cost, budget_s=6.0).ranked == ["b"]  # a longer deadline fits b only
+
+
 def test_merged_engine_events_keep_every_token_and_the_last_end_state() -> None:
     from maverick_serve.serving.openai_format import merge_events
 
@@ -344,3 +426,16 @@ def test_merged_engine_events_keep_every_token_and_the_last_end_state() -> None:
     assert merged["logprobs"] == [{"t": 2}] and merged["replica"] == "r1"
     assert merged["finished"] and merged["finish_reason"] == "length"
     assert merged["usage"] == {"completion_tokens": 3} and first["text_delta"] == "a"
+
+
+def test_engine_rates_for_admission_come_from_step_times() -> None:
+    from maverick_serve.engine.native import measured_rates
+
+    # (end time, prompt tokens, generated tokens, step seconds, finished) per step
+    prefills = [(10.0 + 0.1 * i, 300, 2, 0.05, 0) for i in range(10)]
+    decodes = [(11.0 + 0.1 * i, 0, 16, 0.02, i % 2) for i in range(20)]
+    rates = measured_rates(tuple(prefills + decodes))
+    assert rates["prefill_tokens_per_s"] == pytest.approx(300 / 0.05)  # of the steps that prefilled
+    assert rates["step_s"] == pytest.approx((0.5 + 0.4) / 30)
+    assert rates["finished_per_s"] == pytest.approx(10 / 0.9)  # per second of step time
+    assert measured_rates(tuple(decodes[:5]))["step_s"] == 0.0  # 0.1 s of steps: not yet measured

@@ -46,10 +46,35 @@ class RoutingConfig(BaseModel):
     state_expiry_s: float = Field(
         3.0, gt=0, description="A replica silent for this long is no longer routed to."
     )
-    max_queue_per_replica: int = Field(
-        32, ge=1, description="Waiting requests a replica may hold; when every replica is full → 429."
+    admit_by_predicted_wait: bool = Field(
+        True,
+        description="Admit a request where the replica's predicted queue wait (queued prompt "
+        "tokens and waiting requests over its measured rates) plus its own run fits the time left "
+        "to its deadline (router.request_timeout_s); 429 only when no replica can. Off: the two "
+        "memory bounds below alone.",
     )
-    retry_after_s: int = Field(1, ge=1, description="Retry-After header of a 429.")
+    deadline_headroom: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Admit only where the predicted finish is within this share of the time left to "
+        "the deadline (predictions are averages of the last seconds).",
+    )
+    max_queue_per_replica: int = Field(
+        1024,
+        ge=1,
+        description="Memory bound: requests a replica may have waiting (sent, not yet running) "
+        "whatever the predicted wait; when every replica is full → 429.",
+    )
+    max_queued_tokens_per_replica: int = Field(
+        16_000_000,
+        ge=1,
+        description="Memory bound: prompt tokens queued on a replica (not yet computed); a request "
+        "beyond it goes elsewhere or gets 429, except on a replica with nothing queued.",
+    )
+    retry_after_s: int = Field(
+        1, ge=1, description="Retry-After of a 429 or 503 when no replica has measured its drain rate."
+    )
     scale_up_wait_s: float = Field(
         30.0,
         ge=0,

@@ -65,8 +65,10 @@ class ServingEngine(ABC):
     async def stats(self) -> EngineStats: ...
 
     @abstractmethod
-    def load_report(self) -> dict[str, int]:
-        """waiting, running, queued_prefill_tokens, free_kv_blocks, total_kv_blocks."""
+    def load_report(self) -> dict[str, float]:
+        """waiting, running, queued_prefill_tokens, free_kv_blocks, total_kv_blocks; where the
+        engine measures them also max_num_seqs, prefill_tokens_per_s, step_s and finished_per_s
+        (admission control predicts queue waits from them; absent or 0 means not measured)."""
 
     @property
     @abstractmethod

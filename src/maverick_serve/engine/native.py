@@ -39,6 +39,27 @@ from maverick_serve.model.checkpoint import load_model, torch_dtype
 from maverick_serve.model.llama4 import Llama4Model
 
 _RATE_WINDOW_S = 10.0
+# Below this much step time in the window a rate is noise: report it as unknown (0).
+_MIN_BUSY_S = 0.5
+# A longer gap between two steps means the engine was idle, not busy between them.
+_IDLE_GAP_S = 0.1
+
+
+def measured_rates(rates: tuple[tuple[float, int, int, float, int], ...]) -> dict[str, float]:
+    """What admission control predicts queue waits from (0 = not measured yet): prompt tokens per
+    second of the steps that computed prompt tokens (all tokens over all step time would mostly
+    measure how many decodes were batched: a decode adds one token to a step), the mean step
+    time, and requests finished per second of step time (not wall time: idle gaps in the window
+    would make a busy queue look slow to drain)."""
+    busy = sum(r[3] for r in rates)
+    if busy < _MIN_BUSY_S:
+        return {"prefill_tokens_per_s": 0.0, "step_s": 0.0, "finished_per_s": 0.0}
+    prefill_s = sum(r[3] for r in rates if r[1])
+    return {
+        "prefill_tokens_per_s": sum(r[1] for r in rates) / prefill_s if prefill_s else 0.0,
+        "step_s": busy / len(rates),
+        "finished_per_s": sum(r[4] for r in rates) / busy,
+    }
 
 
 def plan_kv_blocks(spec: ModelSpec, cfg: NativeEngineConfig) -> dict[str, int]:
@@ -103,7 +124,9 @@ class NativeEngine(Engine):
         self._prompt_tokens_total = 0
         self._generated_total = 0
         self._steps = 0
-        self._rates: deque[tuple[float, int, int]] = deque()
+        self._last_step_end = 0.0
+        # (end time, prompt tokens, generated tokens, step seconds, requests finished) per step
+        self._rates: deque[tuple[float, int, int, float, int]] = deque()
         self._seeds = torch.Generator().manual_seed(config.seed)
 
     @classmethod
@@ -207,7 +230,7 @@ class NativeEngine(Engine):
             if chunk.seq.request.record_steps and len(t.steps) < MAX_RECORDED_STEPS:
                 t.steps.append((started, ended, dispatch_s))
         row = 0
-        prefill_tokens = generated = 0
+        prefill_tokens = generated = finished = 0
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
@@ -225,8 +248,15 @@ class NativeEngine(Engine):
             token, logprob = sample_token(logits[row], seq.request.sampling, seq.generator)
             row += 1
             generated += 1
-            outputs.append(self._append_token(seq, token, logprob))
-        self._record_rate(prefill_tokens, generated)
+            out = self._append_token(seq, token, logprob)
+            finished += out.finished
+            outputs.append(out)
+        # Busy time includes the engine loop's work between back-to-back steps (emitting outputs,
+        # taking requests in): a queue drains at that pace, not at the forward passes' alone.
+        gap = started - self._last_step_end
+        busy_s = ended - started + (gap if 0 <= gap < _IDLE_GAP_S else 0.0)
+        self._last_step_end = time.monotonic()
+        self._record_rate(prefill_tokens, generated, busy_s, finished)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
@@ -290,15 +320,16 @@ class NativeEngine(Engine):
         seq.image_features = None
         self.seqs.pop(seq.request_id, None)
 
-    def _record_rate(self, prefill: int, decode: int) -> None:
+    def _record_rate(self, prefill: int, decode: int, busy_s: float, finished: int) -> None:
         now = time.monotonic()
-        self._rates.append((now, prefill, decode))
+        self._rates.append((now, prefill, decode, busy_s, finished))
         while self._rates and now - self._rates[0][0] > _RATE_WINDOW_S:
             self._rates.popleft()
 
     # ---- introspection --------------------------------------------------------------------
-    def load_report(self) -> dict[str, int]:
-        """Queue and KV state for routers; safe to call from another thread (reads snapshots)."""
+    def load_report(self) -> dict[str, float]:
+        """Queue, KV state and measured rates for routers; safe to call from another thread
+        (reads snapshots)."""
         waiting = list(self.scheduler.waiting)
         running = list(self.scheduler.running)
         queued = sum(max(0, s.prompt_len - s.num_computed) for s in waiting + running)
@@ -309,12 +340,15 @@ class NativeEngine(Engine):
             "queued_prefill_tokens": queued,
             "free_kv_blocks": pool.num_free,
             "total_kv_blocks": pool.num_blocks,
+            "max_num_seqs": self.config.max_num_seqs,
+            **measured_rates(tuple(self._rates)),
         }
 
     def stats(self) -> EngineStats:
-        span = (self._rates[-1][0] - self._rates[0][0]) if len(self._rates) > 1 else 0.0
-        prefill = sum(p for _, p, _ in self._rates)
-        decode = sum(d for _, _, d in self._rates)
+        rates = tuple(self._rates)
+        span = (rates[-1][0] - rates[0][0]) if len(rates) > 1 else 0.0
+        prefill = sum(r[1] for r in rates)
+        decode = sum(r[2] for r in rates)
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),

@@ -28,7 +28,7 @@ class NativeServingEngine(ServingEngine):
     async def stats(self) -> EngineStats:
         return await self.runner.stats()
 
-    def load_report(self) -> dict[str, int]:
+    def load_report(self) -> dict[str, float]:
         return self.native.load_report()
 
     @property

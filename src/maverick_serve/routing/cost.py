@@ -55,6 +55,7 @@ class RequestCost:
     block_keys: list[int] = field(default_factory=list)  # engine-block prefix chain
     tier_keys: list[int] = field(default_factory=list)  # KV-tier-block prefix chain
     session: str | None = None
+    max_tokens: int = 0  # the client's max_tokens (0: not set, its decode time is unknown)
 
     @property
     def work(self) -> float:
@@ -81,6 +82,7 @@ class CostModel:
         image_hashes: list[str],
         session: str | None = None,
         with_tier: bool = True,
+        max_tokens: int = 0,
     ) -> RequestCost:
         spans = self.image_spans(prompt, image_hashes)
         image_tokens = sum(e - s for s, e, _ in spans)
@@ -100,6 +102,7 @@ class CostModel:
             block_keys=keys,
             tier_keys=tier,
             session=session,
+            max_tokens=max_tokens,
         )
 
     def image_spans(self, prompt: list[int], image_hashes: list[str]) -> list[tuple[int, int, str]]:

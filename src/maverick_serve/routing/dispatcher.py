@@ -3,8 +3,10 @@
 `Dispatcher.open` prices a request, asks the policy for a ranking, sends the work items with the
 ranking attached and waits for each choice's first event. A replica that fails before the first
 token (died, engine down, stream closed) is marked failed and the request goes to the next
-choice, up to `routing.max_retries` times; 4xx answers are final. When every live replica's
-queue is full the request is refused with 429 and Retry-After instead of queueing forever.
+choice, up to `routing.max_retries` times; 4xx answers are final. The policy ranks only the
+replicas admission control lets the request join (`routing/admission.py`: its predicted wait fits
+its deadline, within the memory bounds); when none does it is refused with 429 and a Retry-After
+from the replicas' drain rates instead of queueing past its deadline.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.model.image_processing import ImageProcessingConfig, decode_image, pixel_content_hash
 from maverick_serve.observability.tracing import background_task, step
+from maverick_serve.routing.admission import Admission, Verdict, retry_after
 from maverick_serve.routing.cost import CostModel, RequestCost
 from maverick_serve.routing.metrics import RouterMetrics
 from maverick_serve.routing.policy import Decision, make_policy
@@ -98,6 +101,7 @@ class Dispatcher:
         self.channel = channel
         self.view = ClusterView(self.routing)
         self.policy = make_policy(self.routing, cfg.engine.block_size, cfg.kvtier.block_size)
+        self.admission = Admission(self.routing)
         self.costs = CostModel(spec, cfg.engine.block_size, cfg.kvtier.block_size)
         self.hash_image = ImageHasher(image_cfg)
         self.metrics = RouterMetrics(self.policy.name)
@@ -135,15 +139,21 @@ class Dispatcher:
             self._poller.cancel()
 
     # ---- pricing and choice ---------------------------------------------------------------------
-    def price(self, prompt: list[int], images: list[bytes], session: str | None) -> RequestCost:
+    def price(
+        self, prompt: list[int], images: list[bytes], session: str | None, max_tokens: int | None = None
+    ) -> RequestCost:
         hashes = [self.hash_image(data) for data in images]
-        return self.costs.cost(prompt, hashes, session, with_tier=self.cfg.kvtier.enabled)
+        return self.costs.cost(
+            prompt, hashes, session, with_tier=self.cfg.kvtier.enabled, max_tokens=max_tokens or 0
+        )
 
-    def choose(self, cost: RequestCost) -> Decision:
+    def choose(self, cost: RequestCost, seats: int = 1, budget_s: float | None = None) -> Decision:
+        """Rank the replicas that admit `cost` on `seats` sequences with `budget_s` seconds left
+        to its deadline (default: the whole router.request_timeout_s)."""
         if not self.view.replicas:  # no state yet (just started, or no hub): Serve's own choice
             return Decision([], "no_state", 0)
-        decision = self.policy.choose(self.view, cost)
-        if decision is None and not self.view.alive():
+        alive = self.view.alive()
+        if not alive:
             # Not overload: every replica failed or went silent (a dead engine, a crashed node).
             raise APIError(
                 503,
@@ -153,25 +163,53 @@ class Dispatcher:
                 "unavailable",
                 {"retry-after": str(self.routing.retry_after_s)},
             )
-        if decision is None:
+        budget = self.cfg.router.request_timeout_s if budget_s is None else budget_s
+        verdicts = [self.admission.verdict(e, cost, seats, budget) for e in alive]
+        admitted = [e for e, v in zip(alive, verdicts, strict=True) if v.admit]
+        if not admitted:
             raise APIError(
                 429,
-                f"every engine replica has {self.routing.max_queue_per_replica} requests waiting "
-                "(router.routing.max_queue_per_replica); retry later",
+                self._refusal(verdicts, budget),
                 None,
                 "overloaded",
-                {"retry-after": str(self.routing.retry_after_s)},
+                {"retry-after": str(retry_after(verdicts, self.routing.retry_after_s))},
             )
-        return decision
+        return self.policy.choose(self.view, cost, admitted)
+
+    def _refusal(self, verdicts: list[Verdict], budget_s: float) -> str:
+        r = self.routing
+        reasons = {v.reason for v in verdicts}
+        if reasons == {"queue_full"}:
+            return (
+                f"every engine replica has router.routing.max_queue_per_replica={r.max_queue_per_replica} "
+                "requests waiting; retry later"
+            )
+        if reasons == {"tokens_full"}:
+            return (
+                "every engine replica has router.routing.max_queued_tokens_per_replica="
+                f"{r.max_queued_tokens_per_replica} prompt tokens queued; retry later"
+            )
+        waits = [v.wait_s for v in verdicts if v.wait_s is not None]
+        shortest = f"{min(waits):.1f} s" if waits else "unknown"
+        return (
+            f"no engine replica can start this request within its deadline: shortest predicted queue "
+            f"wait {shortest}, {budget_s:.1f} s left of router.request_timeout_s="
+            f"{self.cfg.router.request_timeout_s:g}; retry later"
+        )
 
     # ---- delivery ---------------------------------------------------------------------------------
-    async def choose_or_wait(self, cost: RequestCost) -> Decision:
+    async def choose_or_wait(
+        self, cost: RequestCost, seats: int = 1, deadline: float | None = None
+    ) -> Decision:
         """`choose`, but while the tier is full and replicas are starting (the autoscaler asked
-        for them), wait for one up to `routing.scale_up_wait_s` instead of refusing."""
+        for them), wait for one up to `routing.scale_up_wait_s` instead of refusing. `deadline` is
+        the request's, in event-loop time."""
+        loop = asyncio.get_running_loop()
         waited, step = 0.0, min(0.25, self.routing.state_interval_s)
         while True:
+            budget = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                return self.choose(cost)
+                return self.choose(cost, seats, budget)
             except APIError as exc:
                 coming = self.capacity_coming is not None and self.capacity_coming()
                 if exc.status != 429 or not coming or waited >= self.routing.scale_up_wait_s:
@@ -180,11 +218,13 @@ class Dispatcher:
             await asyncio.sleep(step)
             waited += step
 
-    async def open(self, items: list[EngineWorkItem], cost: RequestCost) -> Opened:
+    async def open(
+        self, items: list[EngineWorkItem], cost: RequestCost, deadline: float | None = None
+    ) -> Opened:
         retries = 0
         while True:
             with step("router.choose", **{"maverick.route.policy": self.policy.name}) as span:
-                decision = await self.choose_or_wait(cost)
+                decision = await self.choose_or_wait(cost, len(items), deadline)
                 predicted = decision.ranked[0] if decision.ranked else None
                 span.set_attributes(
                     {

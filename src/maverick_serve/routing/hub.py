@@ -24,7 +24,7 @@ from typing import Any
 
 @dataclass
 class _Replica:
-    load: dict[str, int]
+    load: dict[str, float]
     seen: float
     tier_shared: bool
     stored: set[int] = field(default_factory=set)
@@ -52,7 +52,7 @@ class ReplicaStateHub:
             return {"epoch": self.epoch, "need_reset": True}  # missed its snapshot: ask again
         if state is None or reset:  # a snapshot replaces whatever the hub knew
             state = self.replicas[name] = _Replica({}, 0.0, True)
-        state.load = {k: int(v) for k, v in report.get("load", {}).items()}
+        state.load = {k: float(v) for k, v in report.get("load", {}).items()}
         state.seen = self.clock()
         state.tier_shared = bool(report.get("tier_shared", True))
         stored = [int(k) for k in report.get("stored", ())]

@@ -1,8 +1,8 @@
 """Routing policies: weighted scorers and a picker.
 
-Contract of `RoutingPolicy.choose(view, cost)`: return a `Decision` ranking the replicas that
-have room (best first) with the reason the first won, or `None` when every live replica is
-full (the router answers 429). It must not block and should take well under a millisecond with
+Contract of `RoutingPolicy.choose(view, cost, candidates)`: return a `Decision` ranking
+`candidates` (the live replicas admission control let the request join, never empty) best first,
+with the reason the first won. It must not block and should take well under a millisecond with
 64 replicas and millions of indexed blocks: it reads the `ClusterView`, it never calls out.
 
 Scorers return values in [0, 1] per replica; the policy sums them with the configured weights
@@ -39,7 +39,7 @@ class RoutingPolicy(ABC):
     name: str
 
     @abstractmethod
-    def choose(self, view: ClusterView, cost: RequestCost) -> Decision | None: ...
+    def choose(self, view: ClusterView, cost: RequestCost, candidates: list[ReplicaEntry]) -> Decision: ...
 
 
 class RoundRobinPolicy(RoutingPolicy):
@@ -48,10 +48,8 @@ class RoundRobinPolicy(RoutingPolicy):
     def __init__(self) -> None:
         self.counter = itertools.count()
 
-    def choose(self, view: ClusterView, cost: RequestCost) -> Decision | None:
-        open_ = sorted((e for e in view.alive() if view.has_room(e)), key=lambda e: e.replica)
-        if not open_:
-            return None
+    def choose(self, view: ClusterView, cost: RequestCost, candidates: list[ReplicaEntry]) -> Decision:
+        open_ = sorted(candidates, key=lambda e: e.replica)
         start = next(self.counter) % len(open_)
         ranked = open_[start:] + open_[:start]
         return Decision([e.replica for e in ranked], "round_robin", 0)
@@ -93,17 +91,15 @@ class WeightedPolicy(RoutingPolicy):
         self.sessions = SessionMap()
         self.tiebreak = itertools.count()
 
-    def choose(self, view: ClusterView, cost: RequestCost) -> Decision | None:
-        open_ = [e for e in view.alive() if view.has_room(e)]
-        if not open_:
-            return None
+    def choose(self, view: ClusterView, cost: RequestCost, candidates: list[ReplicaEntry]) -> Decision:
+        open_ = candidates
         w = self.w
         prompt = max(cost.prompt_tokens, 1)
-        candidates = 0
+        mask = 0
         for e in open_:
-            candidates |= e.bit
-        local = view.local.prefix_blocks(cost.block_keys, candidates) if w.prefix or w.tier else {}
-        tier_own = view.tier.prefix_blocks(cost.tier_keys, candidates) if w.tier else {}
+            mask |= e.bit
+        local = view.local.prefix_blocks(cost.block_keys, mask) if w.prefix or w.tier else {}
+        tier_own = view.tier.prefix_blocks(cost.tier_keys, mask) if w.tier else {}
         shared = view.shared_tier.prefix_blocks(cost.tier_keys, 1).get(1, 0) if w.tier else 0
         max_work = max(e.pending_work() for e in open_) + 1.0
         max_queue = max(e.queued() + e.load.running for e in open_) + 1.0

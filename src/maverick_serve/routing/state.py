@@ -23,10 +23,19 @@ class ReplicaLoad:
     queued_prefill_tokens: int = 0
     free_kv_blocks: int = 0
     total_kv_blocks: int = 0
+    max_num_seqs: int = 0  # 0: not reported (the replica's seats are unknown)
+    # Measured by the engine over its recent window; 0 = not measured yet.
+    prefill_tokens_per_s: float = 0.0  # prompt tokens per second of the steps that prefilled
+    step_s: float = 0.0  # mean step time
+    finished_per_s: float = 0.0  # requests finished per second of step time
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplicaLoad:
-        return cls(**{k: int(d.get(k, 0)) for k in cls.__dataclass_fields__})
+        load = cls()
+        for name, f in cls.__dataclass_fields__.items():
+            if name in d:
+                setattr(load, name, (float if f.type == "float" else int)(d[name]))
+        return load
 
 
 @dataclass
@@ -201,6 +210,3 @@ class ClusterView:
         now = self.clock()
         expiry = self.cfg.state_expiry_s
         return [e for e in self.replicas.values() if now - e.seen <= expiry and e.seen > e.failed_at]
-
-    def has_room(self, entry: ReplicaEntry) -> bool:
-        return entry.queued() < self.cfg.max_queue_per_replica

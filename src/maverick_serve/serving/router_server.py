@@ -217,7 +217,7 @@ class RouterServer:
             answer.describe(req, sampling, prompt, images)
             session = request.headers.get(self.config.router.routing.session_header) or req.user
             with step("router.price") as span:
-                cost = self.dispatcher.price(prompt, images, session)
+                cost = self.dispatcher.price(prompt, images, session, sampling.max_tokens)
                 span.set_attribute("maverick.route.image_tokens", cost.image_tokens)
             self.auth.admit(key, len(prompt) + (sampling.max_tokens or 0) * req.n)
             await self.dispatcher.start()
@@ -231,7 +231,9 @@ class RouterServer:
                 else:
                     self.dispatcher.metrics.prefill_handoff("self")
             with step("router.dispatch") as span:
-                opened = await asyncio.wait_for(self.dispatcher.open(items, cost), deadline - loop.time())
+                opened = await asyncio.wait_for(
+                    self.dispatcher.open(items, cost, deadline), deadline - loop.time()
+                )
                 span.set_attributes(
                     {"maverick.replica": opened.replica or "", "maverick.retries": opened.retries}
                 )

@@ -234,7 +234,7 @@ class VllmEngine(ServingEngine):
     async def stats(self) -> EngineStats:
         return self.collector.snapshot()
 
-    def load_report(self) -> dict[str, int]:
+    def load_report(self) -> dict[str, float]:
         s = self.collector.snapshot()
         return {
             "waiting": s.waiting,
@@ -242,6 +242,9 @@ class VllmEngine(ServingEngine):
             "queued_prefill_tokens": max(0, self.queued_prefill_tokens),
             "free_kv_blocks": sum(s.kv_blocks_free.values()),
             "total_kv_blocks": sum(s.kv_blocks_total.values()),
+            # No step times from vLLM's stat loggers: admission bounds these replicas by queue
+            # length and queued tokens only (step_s absent = not measured).
+            "max_num_seqs": self.config.max_num_seqs,
         }
 
     @property
