@@ -33,7 +33,9 @@ def launch_cluster(
         yield RunningCluster(up.api_url, up.dashboard_url, up.metrics_url, model_dir, config, up.log)
 
 
-@pytest.fixture(scope="module")  # torn down after the e2e module: an idle cluster costs the later tiers CPU
+# One cluster for the API modules (test_openai_api, test_openapi_fuzz), torn down after the e2e
+# package: an idle cluster costs the later tiers CPU. test_observability starts its own.
+@pytest.fixture(scope="package")
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     root = tmp_path_factory.mktemp("cluster")
     config = {

@@ -59,6 +59,20 @@ def test_chat_text_and_usage(client: openai.OpenAI) -> None:
     assert r.choices[0].message.content
 
 
+def test_n_choices_are_served_through_serve_plain_and_streamed(client: openai.OpenAI) -> None:
+    """n > 1 fans out to n engine calls from one ingress request; Serve paired them by one shared
+    request id and hung (found by the API fuzzer)."""
+    full = _chat(client, "four ways", n=4, max_tokens=5, temperature=0.8, seed=3, timeout=60)
+    assert sorted(c.index for c in full.choices) == [0, 1, 2, 3]
+    assert full.usage is not None and full.usage.completion_tokens == 20
+    stream = _chat(client, "four ways", n=4, max_tokens=5, temperature=0.8, seed=3, stream=True, timeout=60)
+    texts = ["", "", "", ""]
+    for chunk in stream:  # type: ignore[union-attr]
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in full.choices]
+
+
 def test_chat_with_png_data_url(client: openai.OpenAI) -> None:
     url = "data:image/png;base64," + base64.b64encode(_png(640, 480)).decode()
     r = _chat(
@@ -286,7 +300,7 @@ def test_body_over_limit_is_413(cluster: Any) -> None:
         b'{"model": "llama-4-tiny", "messages": [{"role": "user", "content": "' + b"x" * 2_100_000 + b'"}]}'
     )
     r = httpx.post(f"{cluster.base_url}/v1/chat/completions", content=body, timeout=60)
-    assert r.status_code == 413 and "2000000-byte limit" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "router.max_body_bytes=2000000" in r.json()["error"]["message"]
 
 
 def test_request_id_echoed(cluster: Any) -> None:
@@ -297,11 +311,6 @@ def test_request_id_echoed(cluster: Any) -> None:
         timeout=60,
     )
     assert r.headers.get_list("x-request-id") == ["e2e-7"] and r.json()["id"] == "cmpl-e2e-7"
-
-
-def test_openapi_schema(cluster: Any) -> None:
-    spec = httpx.get(f"{cluster.base_url}/openapi.json", timeout=30).json()
-    assert "/v1/chat/completions" in spec["paths"]
 
 
 def test_up_log_shows_urls(cluster: Any) -> None:

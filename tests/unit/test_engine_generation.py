@@ -261,3 +261,19 @@ def test_blockwise_attention_generation_equals_dense(tiny_model: Path) -> None:
     blockwise = _engine(tiny_model, attention_key_block=48)
     for i, p in enumerate(prompts):
         assert _tokens(_drain_one(blockwise, f"b{i}", p)) == _tokens(_drain_one(dense, f"d{i}", p))
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-6, 1e300, 1.7e308])
+def test_extreme_temperatures_sample_a_real_token_instead_of_stopping_the_engine(temperature: float) -> None:
+    """Found by the API fuzzer: temperature 1e-300 made the softmax NaN and multinomial raised,
+    which stopped the engine with every other request on it."""
+    from maverick_serve.engine.sampler import sample_token
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=temperature, top_p=0.5, top_k=10)
+    token, _ = sample_token(logits, params, torch.Generator().manual_seed(1))
+    assert 0 <= token < 1000
+    if temperature < 1e-5:
+        assert token == int(torch.argmax(logits))
+    else:
+        assert token in set(torch.topk(logits, 10).indices.tolist())

@@ -1,7 +1,8 @@
 """OpenAI-compatible request models (the subset we serve) and how they map to sampling params.
 
 Unknown top-level fields are ignored like OpenAI's server does; everything we read is typed and
-range-checked, and anything we cannot honour (e.g. penalties) is a 400 naming the field.
+range-checked, and anything we cannot honour (e.g. penalties) is a 400 naming the field. Types are
+strict, as JSON Schema reads them: `0` is not `false`, `[true]` is not a list of token ids.
 """
 
 from __future__ import annotations
@@ -14,19 +15,19 @@ from maverick_serve.engine.types import SamplingParams
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     url: str = Field(description="A data: URL (base64 image), or http(s) when remote images are enabled.")
     detail: str | None = None
 
 
 class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -35,32 +36,36 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    temperature: float | None = Field(None, description="0 is greedy; default 1.")
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="Extension: keep the k most likely tokens.")
-    n: int = Field(1, description="Choices to generate.")
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 is greedy; default 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus mass; default 1.")
+    top_k: int | None = Field(
+        None, ge=-1, description="Extension: keep the k most likely tokens (0, -1: off)."
+    )
+    n: int = Field(1, ge=1, description="Choices to generate.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end generation.")
-    seed: int | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Extension: token ids that end generation."
+    )
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the sampler (0 ≤ seed < 2**63).")
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence tokens.")
 
     def stop_list(self) -> list[str]:
@@ -70,11 +75,11 @@ class _Common(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, description="Top logprobs per token (with logprobs).")
 
     def sampling(self) -> SamplingParams:
         lp = (self.top_logprobs or 0) if self.logprobs else None
@@ -83,8 +88,8 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most.")
+    logprobs: int | None = Field(None, ge=0, description="Top logprobs per token.")
     echo: bool = False
 
     def sampling(self) -> SamplingParams:

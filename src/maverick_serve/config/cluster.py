@@ -54,6 +54,15 @@ class RouterConfig(BaseModel):
         default_factory=list, description="Hosts remote images may come from when allow_remote_images is on."
     )
     max_n: int = Field(4, ge=1, description="Largest `n` (choices per request).")
+    max_tokens_per_request: int = Field(
+        262_144,
+        ge=1,
+        description="Largest n × max_tokens one request may ask for (400 above); a request without "
+        "max_tokens stops where the context ends.",
+    )
+    max_json_depth: int = Field(
+        32, ge=2, description="Deepest nesting of arrays and objects in a request body (400 deeper)."
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Deadline of one request end to end (504 after it; the engine aborts)."
     )

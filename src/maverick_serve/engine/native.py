@@ -177,7 +177,7 @@ class NativeEngine(Engine):
             frozenset() if params.ignore_eos else frozenset(self.spec.text.eos_token_ids)
         )
         gen = None
-        if params.temperature > 0:
+        if not params.greedy:
             # Unseeded requests draw their seed from the engine's seeded stream, so a replica
             # replays the same tokens for the same request order.
             seed = (

@@ -11,13 +11,14 @@ def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> tuple[int, TokenLogprob | None]:
     """Pick one token from fp32 logits [vocab]. Logprobs are of the unmodified distribution."""
-    if params.temperature == 0:
+    if params.greedy:
         token = int(torch.argmax(logits))
     else:
         scaled = logits / params.temperature
         if params.top_k > 0 and params.top_k < scaled.numel():
-            kth = torch.topk(scaled, params.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            # Ranked on the logits: a huge temperature squeezes the scaled ones into ties.
+            kth = torch.topk(logits, params.top_k).values[-1]
+            scaled = scaled.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
@@ -25,7 +26,10 @@ def sample_token(
             drop = cum - sorted_probs >= params.top_p  # keep the smallest prefix reaching top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        try:
+            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        except RuntimeError:  # no finite mass left (extreme temperature): the likeliest token
+            token = int(torch.argmax(logits))
     if params.logprobs is None:
         return token, None
     logp = torch.log_softmax(logits, dim=-1)

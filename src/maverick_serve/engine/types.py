@@ -29,6 +29,9 @@ class EngineDeadError(RuntimeError):
     """The engine stopped (crash or shutdown); in-flight requests cannot finish."""
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 class SamplingParams(BaseModel):
     """How to pick tokens. Checked by `validate()` against the engine's limits, not on construction,
     so out-of-range values produce an `InvalidRequestError` that names the field."""
@@ -49,6 +52,11 @@ class SamplingParams(BaseModel):
         None, description="Return this many top logprobs per token (0 = only the chosen)."
     )
     skip_special_tokens: bool = Field(True, description="Drop special tokens from the text.")
+
+    @property
+    def greedy(self) -> bool:
+        # Below this, logits / temperature overflow to inf and the softmax to NaN (vLLM's cut too).
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate_against(self, max_logprobs: int, vocab_size: int) -> None:
         if self.max_tokens is not None and self.max_tokens <= 0:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import jinja2
 from tokenizers import Tokenizer
 
 from maverick_serve.api.errors import APIError
@@ -30,6 +32,9 @@ from maverick_serve.model.image_processing import (
 from maverick_serve.model.tokenizer_builder import LLAMA4_CHAT_TEMPLATE, render_chat_prompt
 
 REMOTE_FETCH_TIMEOUT_S = 10.0
+# Hub-style names (`org/model`, `llama-4-tiny`, `model:tag`); anything with `..`, a leading `/`,
+# `~`, a backslash or a scheme is refused before it is compared with the served name.
+MODEL_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._:-]{0,127})?")
 
 
 class RequestBuilder:
@@ -50,6 +55,15 @@ class RequestBuilder:
 
     # ---- sampling ---------------------------------------------------------------------------
     def check_common(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        if req.model != self.config.model.served_model_name and not MODEL_NAME.fullmatch(req.model):
+            # Never a path: some servers resolve unknown names on disk or the hub; we only compare.
+            raise APIError(
+                400,
+                f"model: {req.model[:100]!r} is not a model name (letters, digits, '.', '_', ':', '-', "
+                "at most one '/' between parts, at most 256 characters)",
+                "model",
+                "invalid_value",
+            )
         if req.model != self.config.model.served_model_name:
             raise APIError(
                 404,
@@ -64,6 +78,18 @@ class RequestBuilder:
             if getattr(req, name):
                 raise APIError(400, f"{name} is not supported (only 0)", name, "unsupported")
         sampling = req.sampling()
+        budget = self.config.router.max_tokens_per_request
+        if sampling.max_tokens is not None and req.n * sampling.max_tokens > budget:
+            field = "max_tokens"
+            if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+                field = "max_completion_tokens"
+            raise APIError(
+                400,
+                f"n × {field} = {req.n} × {sampling.max_tokens} exceeds "
+                f"router.max_tokens_per_request={budget}",
+                field,
+                "too_many_tokens",
+            )
         try:
             sampling.validate_against(self.config.engine.max_logprobs, self.spec.text.vocab_size)
         except InvalidRequestError as exc:
@@ -108,7 +134,7 @@ class RequestBuilder:
         messages: list[dict[str, Any]] = []
         urls: list[tuple[str, str]] = []
         for i, msg in enumerate(req.messages):
-            if msg.content is None or isinstance(msg.content, str):
+            if not msg.content or isinstance(msg.content, str):  # None, "" and [] are all empty
                 messages.append({"role": msg.role, "content": msg.content or ""})
                 continue
             parts: list[dict[str, str]] = []
@@ -131,7 +157,12 @@ class RequestBuilder:
             raise APIError(400, "this model is text-only and takes no images", urls[0][1])
         images = [await self._image_bytes(url, param) for url, param in urls]
         aspect = [self._aspect_ratio(data, param) for data, (_, param) in zip(images, urls, strict=True)]
-        text = render_chat_prompt(messages, add_generation_prompt=True, chat_template=self.chat_template)
+        try:
+            text = render_chat_prompt(messages, add_generation_prompt=True, chat_template=self.chat_template)
+        except jinja2.TemplateError as exc:  # the checkpoint's own template refused this conversation
+            raise APIError(
+                400, f"messages: the chat template cannot render them: {exc}"[:500], "messages"
+            ) from None
         ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
         return self._expand(ids, aspect), images
 

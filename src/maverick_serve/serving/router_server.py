@@ -22,8 +22,10 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from maverick_serve import __version__
 from maverick_serve.api.engine_client import EngineClient, HandleEngineClient
 from maverick_serve.api.errors import APIError, from_validation_error
+from maverick_serve.api.openapi import ApiLimits, openapi_document
 from maverick_serve.api.protocol import ChatCompletionRequest, CompletionRequest, EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.types import SamplingParams
@@ -35,6 +37,7 @@ from maverick_serve.routing.publisher import HandleStateChannel, StateChannel
 from maverick_serve.serving.latency_window import RateWindow
 from maverick_serve.serving.openai_format import Choice, ResponseFormatter, merge_events, sse_data, usage
 from maverick_serve.serving.replica_watch import ReplicaWatch
+from maverick_serve.serving.request_body import read_json_body
 from maverick_serve.serving.request_builder import RequestBuilder
 
 logger = logging.getLogger(__name__)
@@ -95,27 +98,23 @@ class RouterServer:
     def build_api(self) -> FastAPI:
         api = FastAPI(
             title="maverick-serve",
-            version="0.1.0",
+            version=__version__,
             description="OpenAI-compatible API for Llama 4 on Ray Serve",
         )
-        chat_schema = {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
-            }
-        }
-        comp_schema = {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": CompletionRequest.model_json_schema()}},
-            }
-        }
+        limits = ApiLimits(
+            self.model_name,
+            self.config.router.max_n,
+            self.config.engine.max_logprobs,
+            self.builder.spec.text.vocab_size,
+        )
+        document = openapi_document(limits, __version__)
+        api.openapi = lambda: document  # type: ignore[method-assign]  # FastAPI's documented override
 
-        @api.post("/v1/chat/completions", openapi_extra=chat_schema)
+        @api.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
             return await self._handle(request, ChatCompletionRequest)
 
-        @api.post("/v1/completions", openapi_extra=comp_schema)
+        @api.post("/v1/completions")
         async def completions(request: Request) -> Response:
             return await self._handle(request, CompletionRequest)
 
@@ -148,23 +147,6 @@ class RouterServer:
         return api
 
     # ---- request handling -------------------------------------------------------------------
-    async def _read_json(self, request: Request) -> Any:
-        limit = self.config.router.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(
-                413, f"request body of {declared} bytes exceeds the {limit}-byte limit", code="body_too_large"
-            )
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise APIError(413, f"request body exceeds the {limit}-byte limit", code="body_too_large")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-
     async def _handle(
         self, request: Request, model: type[ChatCompletionRequest] | type[CompletionRequest]
     ) -> Response:
@@ -204,7 +186,8 @@ class RouterServer:
         try:
             with step("router.parse"):
                 key = self.auth.authenticate(request.headers.get("authorization"))
-                payload = await self._read_json(request)
+                r = self.config.router
+                payload = await read_json_body(request, r.max_body_bytes, r.max_json_depth)
                 try:
                     req = model.model_validate(payload)
                 except ValidationError as exc:
