@@ -43,6 +43,8 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "engine": {"kv_cache_memory_gib": 0.1, "max_model_len": 4096, "num_threads": 1},
         "router": {"max_body_bytes": 2_000_000, "max_image_bytes": 1_000_000, "max_images_per_request": 4},
         "resources": {"engine": {"replicas": 2, "num_cpus": 1}},
+        # On, unlike the default: access logs are where keys and bodies leak (test_secrets_not_logged).
+        "observability": {"access_log": True},
     }
     with launch_cluster(tiny_model, root, config) as running:
         yield running

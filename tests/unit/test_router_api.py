@@ -402,3 +402,15 @@ def test_empty_content_lists_are_empty_messages_not_a_template_crash(api: Api) -
     body["messages"] = [{"role": "developer", "content": []}, {"role": "user", "content": []}]
     r = api.post("/v1/chat/completions", body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(api: Api) -> None:
+    """75 bytes declaring a 20000 × 20000 canvas (1.2 GB of pixels): refused before decoding."""
+    from test_image_processing import _png_header_only
+
+    bomb = _png_header_only(20_000, 20_000)
+    assert len(bomb) < 100
+    r = api.post("/v1/chat/completions", _chat([{"type": "image_url", "image_url": {"url": _data_url(bomb)}}]))
+    err = r.json()["error"]
+    assert r.status_code == 400 and "max_image_pixels" in err["message"], r.text
+    assert err["param"] == "messages.0.content.0.image_url.url"
