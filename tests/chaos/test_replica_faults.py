@@ -1,6 +1,7 @@
 """Faults under a steady load of streaming chat requests, one at a time, counted.
 
-The app runs on a local Ray Serve (two routers, two engine replicas). Eight clients stream greedy
+The app runs on a local Ray Serve (two routers, two engine replicas, the state hub, a KV tier in a
+real redis-server). Eight clients stream greedy
 chat requests back to back; a fault hits a few seconds in, and the load runs on until Serve has
 replaced what died. Each request ends as one of:
 - ok: `[DONE]` with the fault-free run's text;
@@ -20,7 +21,11 @@ The table is printed; the bounds are asserted: none hung, none wrong, none faile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,6 +38,7 @@ import ray
 from ray import serve
 
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.kvtier.redis_process import RedisProcess
 from serve_helpers import serve_app
 
 APP = "chaos"
@@ -51,14 +57,21 @@ class Outcome:
     how: str = ""  # of a broken one: error event | connection cut | silent
 
 
+REDIS_TIMEOUT_S = 1.0  # kvtier.store.socket_timeout_s of the cluster below
+
+
 @dataclass
 class Cluster:
     url: str
     reference: dict[str, str]
+    redis: RedisProcess
 
 
 class _BeforeFirstToken(Exception):
     pass
+
+
+SERVED_BY: Counter[str] = Counter()  # engine replica id → streams it served lately (x-maverick-replica)
 
 
 async def _stream_once(client: httpx.AsyncClient, url: str, prompt: str) -> tuple[str, bool, int, str]:
@@ -79,6 +92,7 @@ async def _stream_once(client: httpx.AsyncClient, url: str, prompt: str) -> tupl
                 await r.aread()
                 raise _BeforeFirstToken(f"{r.status_code}: {r.text[:200]}")
             retries = int(r.headers.get("x-maverick-retries", "0"))
+            SERVED_BY[r.headers.get("x-maverick-replica", "")] += 1
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -151,13 +165,30 @@ def _replica_actors(deployment: str) -> list[str]:
     return sorted(n for n in names if f"{APP}#{deployment}#" in n)
 
 
-def _kill_one(deployment: str) -> Callable[[], None]:
-    def fault() -> None:
+def _kill_one(deployment: str) -> Callable[[Cluster], None]:
+    def fault(_: Cluster) -> None:
         victims = _replica_actors(deployment)
         assert victims, f"no {deployment} replica to kill"
+        # The engine replica serving most streams (cache-aware routing may leave the other idle).
+        victims.sort(key=lambda name: -SERVED_BY[name.rsplit("#", 1)[1]])
         ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
 
     return fault
+
+
+def _redis_stopped_then_restarted(redis: RedisProcess) -> None:
+    redis.stop()
+    time.sleep(5)
+    redis.start()  # same port, empty: the tier refills
+
+
+def _redis_frozen(redis: RedisProcess) -> None:
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(4 * REDIS_TIMEOUT_S)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
 
 
 def _wait_replicas(deployment: str, count: int, timeout_s: float = 180) -> None:
@@ -171,18 +202,26 @@ def _wait_replicas(deployment: str, count: int, timeout_s: float = 180) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model: Path) -> Iterator[Cluster]:
+def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (bash scripts/setup.sh installs it)")
+    redis = RedisProcess(tmp_path_factory.mktemp("redis"))
+    redis.start()
     cfg = ClusterConfig.model_validate(
         {
             "model": {"path": str(tiny_model), "served_model_name": APP},
             "engine": {"kv_cache_memory_gib": 0.1, "num_threads": 1, "max_model_len": 2048},
+            "kvtier": {
+                "store": {"type": "redis", "url": redis.url, "socket_timeout_s": REDIS_TIMEOUT_S},
+                "block_size": 16,
+            },
             "resources": {
                 "engine": {"replicas": 2, "num_cpus": 1},
                 "router": {"replicas": 2, "num_cpus": 0.5},
             },
         }
     )
-    with serve_app(cfg, APP) as url:
+    with serve_app(cfg, APP) as url, contextlib.closing(_Stopper(redis)):
         reference: dict[str, str] = {}
 
         async def fault_free() -> None:
@@ -193,13 +232,38 @@ def cluster(tiny_model: Path) -> Iterator[Cluster]:
                     reference[p] = text
 
         asyncio.run(fault_free())
-        yield Cluster(url, reference)
+        yield Cluster(url, reference, redis)
 
 
-# fault → (deployment, replicas, how its broken streams must end)
+class _Stopper:
+    def __init__(self, redis: RedisProcess) -> None:
+        self.redis = redis
+
+    def close(self) -> None:
+        self.redis.stop()
+
+
+@dataclass
+class Fault:
+    inject: Callable[[Cluster], None]
+    heal: Callable[[], None]  # back to the fault-free shape before the next fault
+    broken_end: str | None  # how streams it breaks must end; None: it must break none
+
+
 FAULTS = {
-    "engine replica killed": ("LlamaEngine", 2, "error event"),
-    "router replica killed (of two)": ("Router", 2, "connection cut"),
+    "engine replica killed": Fault(
+        _kill_one("LlamaEngine"), lambda: _wait_replicas("LlamaEngine", 2), "error event"
+    ),
+    "router replica killed (of two)": Fault(
+        _kill_one("Router"), lambda: _wait_replicas("Router", 2), "connection cut"
+    ),
+    "state hub killed": Fault(
+        _kill_one("ReplicaStateHub"), lambda: _wait_replicas("ReplicaStateHub", 1), None
+    ),
+    "Redis stopped, restarted 5 s later": Fault(
+        lambda c: _redis_stopped_then_restarted(c.redis), lambda: None, None
+    ),
+    "Redis frozen (SIGSTOP) 4x its timeout": Fault(lambda c: _redis_frozen(c.redis), lambda: None, None),
 }
 TABLE: dict[str, Counter[str]] = {}
 
@@ -207,18 +271,22 @@ TABLE: dict[str, Counter[str]] = {}
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_killed_replica_loses_no_request_and_hangs_none(cluster: Cluster, fault: str) -> None:
-    deployment, replicas, how = FAULTS[fault]
-    before = len(_replica_actors(deployment))
-    counts = asyncio.run(_load(cluster.url, cluster.reference, LOAD_S, _kill_one(deployment)))
-    _wait_replicas(deployment, replicas)
+    spec = FAULTS[fault]
+    SERVED_BY.clear()
+    counts = asyncio.run(_load(cluster.url, cluster.reference, LOAD_S, lambda: spec.inject(cluster)))
+    spec.heal()
     TABLE[fault] = counts
     kinds = ["ok", "retried", "broken", "broken: error event", "broken: connection cut", "broken: silent"]
     kinds += ["failed", "hung", "wrong"]
-    print(f"\n{'fault':<31}" + "".join(f"{k:>{len(k) + 2}}" for k in kinds))
+    print(f"\n{'fault':<38}" + "".join(f"{k:>{len(k) + 2}}" for k in kinds))
     for name, c in TABLE.items():
-        print(f"{name:<31}" + "".join(f"{c[k]:>{len(k) + 2}}" for k in kinds))
-    assert before == replicas
+        print(f"{name:<38}" + "".join(f"{c[k]:>{len(k) + 2}}" for k in kinds))
     served = counts["ok"] + counts["retried"]
     assert served >= CLIENTS, counts  # the load kept going through the fault
     assert counts["hung"] == 0 and counts["wrong"] == 0 and counts["failed"] == 0, counts
-    assert counts["broken: silent"] == 0 and counts[f"broken: {how}"] == counts["broken"], counts
+    if spec.broken_end is None:
+        assert counts["broken"] == 0, counts
+    else:
+        assert counts["broken: silent"] == 0 and counts[f"broken: {spec.broken_end}"] == counts["broken"], (
+            counts
+        )

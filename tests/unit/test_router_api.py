@@ -410,7 +410,9 @@ def test_a_decompression_bomb_is_refused_from_its_header(api: Api) -> None:
 
     bomb = _png_header_only(20_000, 20_000)
     assert len(bomb) < 100
-    r = api.post("/v1/chat/completions", _chat([{"type": "image_url", "image_url": {"url": _data_url(bomb)}}]))
+    r = api.post(
+        "/v1/chat/completions", _chat([{"type": "image_url", "image_url": {"url": _data_url(bomb)}}])
+    )
     err = r.json()["error"]
     assert r.status_code == 400 and "max_image_pixels" in err["message"], r.text
     assert err["param"] == "messages.0.content.0.image_url.url"

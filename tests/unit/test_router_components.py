@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,29 @@ def test_no_live_replica_is_a_503_and_a_full_tier_a_429() -> None:
     assert down.value.status == 503 and down.value.code == "unavailable"
     assert "no engine replica is up (1 failed or stopped reporting)" in str(down.value)
     assert down.value.headers["retry-after"]
+
+
+def test_a_silent_hub_falls_back_to_serves_choice_not_503() -> None:
+    """Found by tests/chaos: with the state hub dead, every replica's state went stale and the
+    router answered 503 for replicas that were serving fine."""
+    from maverick_serve.model.image_processing import ImageProcessingConfig
+    from maverick_serve.routing.dispatcher import Dispatcher
+
+    cfg = ClusterConfig.model_validate({"router": {"routing": {"state_expiry_s": 2.0}}})
+    channel = object()  # never polled here: the view below is what the last good poll brought
+    dispatcher = Dispatcher(cfg, preset("tiny"), None, channel, ImageProcessingConfig())  # type: ignore[arg-type]
+    hub = ReplicaStateHub()
+    hub.publish(_report("a", reset=True))
+    dispatcher.view.apply(hub.poll(None, 0))
+    dispatcher._polled_at = time.monotonic()
+    cost = dispatcher.price([1, 2, 3], [], None)
+    assert dispatcher.choose(cost).ranked == ["a"]
+    dispatcher.view.mark_failed("a")
+    with pytest.raises(APIError):  # the hub answers and says the replica is gone: 503
+        dispatcher.choose(cost)
+    dispatcher._polled_at = time.monotonic() - 3.0  # the hub has not answered for > state_expiry_s
+    decision = dispatcher.choose(cost)
+    assert decision.ranked == [] and decision.reason == "no_state"
 
 
 def _measured(**load: float) -> dict[str, float]:

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
+import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -107,6 +109,7 @@ class Dispatcher:
         self.metrics = RouterMetrics(self.policy.name)
         self._poller: asyncio.Task[None] | None = None
         self._first_poll = asyncio.Event()
+        self._polled_at = -math.inf  # monotonic time of the last poll the hub answered
 
     # ---- replica state ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,6 +128,7 @@ class Dispatcher:
             try:
                 update = await self.channel.poll(self.view.epoch, self.view.cursor)
                 self.view.apply(update)
+                self._polled_at = time.monotonic()
                 self._first_poll.set()
                 self.metrics.queues({e.replica: e.queued() for e in self.view.replicas.values()})
                 failures = 0
@@ -133,6 +137,9 @@ class Dispatcher:
                 if failures in (1, 10) or failures % 100 == 0:
                     logger.warning("replica state poll failed (%d in a row): %r", failures, exc)
             await asyncio.sleep(self.routing.state_interval_s)
+
+    def _hub_silent(self) -> bool:
+        return self.channel is not None and time.monotonic() - self._polled_at > self.routing.state_expiry_s
 
     def close(self) -> None:
         if self._poller is not None:
@@ -150,7 +157,9 @@ class Dispatcher:
     def choose(self, cost: RequestCost, seats: int = 1, budget_s: float | None = None) -> Decision:
         """Rank the replicas that admit `cost` on `seats` sequences with `budget_s` seconds left
         to its deadline (default: the whole router.request_timeout_s)."""
-        if not self.view.replicas:  # no state yet (just started, or no hub): Serve's own choice
+        if not self.view.replicas or self._hub_silent():
+            # No state (just started, no hub) or none fresh because the hub itself stopped
+            # answering (restarting): Serve's own choice, not a 503 for replicas that may be fine.
             return Decision([], "no_state", 0)
         alive = self.view.alive()
         if not alive:
