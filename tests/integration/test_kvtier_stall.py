@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import pytest
 from ray import serve
-from serve_helpers import serve_app
 
 from maverick_serve.bench.serve_bench import WORDS
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.serving.builder import ENGINE_DEPLOYMENT
+from serve_helpers import serve_app
 
 pytestmark = pytest.mark.slow
 CONCURRENCY = 8

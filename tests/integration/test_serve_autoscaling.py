@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 import pytest
 from ray import serve
-from serve_helpers import serve_app
 
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.kvtier.redis_process import RedisProcess
 from maverick_serve.net import free_port
 from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT, ROUTER_DEPLOYMENT
 from maverick_serve.serving.local_cluster import dashboard_auth_headers
+from serve_helpers import serve_app
 
 APP = "scaled"
 BUDGET = 3  # "GPUs" shared by engine and prefill replicas (one each)

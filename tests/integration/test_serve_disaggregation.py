@@ -8,13 +8,13 @@ from typing import Any
 import httpx
 import torch
 from ray import serve
-from serve_helpers import serve_app
 
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT
+from serve_helpers import serve_app
 
 
 def test_long_prompts_take_the_prefill_path_with_identical_tokens(

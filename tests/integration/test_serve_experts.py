@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from serve_helpers import serve_app
 
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.native import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
+from serve_helpers import serve_app
 
 
 @pytest.fixture(scope="module")

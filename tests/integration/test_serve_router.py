@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from serve_helpers import serve_app
 
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.serving.builder import ENGINE_DEPLOYMENT
+from serve_helpers import serve_app
 
 APP = "routed"
 
