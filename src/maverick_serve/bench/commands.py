@@ -79,6 +79,43 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _factors(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.5,1,2,3, got {text!r}"
+        ) from None
+    if not values or any(not 0 < v <= 20 for v in values):
+        raise argparse.ArgumentTypeError(f"every load factor must be in (0, 20], got {text!r}")
+    return values
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], got {text!r}")
+    return value
+
+
+def cmd_bench_overload(args: argparse.Namespace) -> int:
+    from maverick_serve.bench.overload_bench import Workload, format_table, run
+
+    model = args.model or default_tiny_model()
+    if not (Path(model) / "config.json").exists():
+        raise CLIError(f"--model {model} has no config.json (make one with `maverick-serve make-model`)")
+    work = Workload(args.prompt_words, args.max_tokens, args.deadline)
+    threads = args.threads or default_engine_threads(args.replicas)
+    capacity, levels = run(
+        Path(model).resolve(), work, args.factors, args.seconds, args.replicas, threads, args.concurrency
+    )
+    print(format_table(capacity, levels, work))
+    return 0
+
+
 def cmd_bench_tracing(args: argparse.Namespace) -> int:
     from maverick_serve.bench.tracing_bench import format_table, run
 
@@ -320,6 +357,25 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     bt.add_argument("--max-tokens", type=positive, default=32)
     bt.add_argument("--replicas", type=positive, default=1, help="engine replicas of each cluster")
     bt.set_defaults(func=cmd_bench_tracing)
+
+    bo = bench.add_parser(
+        "overload",
+        help="offered load from 0.5x to 3x capacity on a local cluster: goodput, 429 share, TTFT p99",
+    )
+    bo.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model)")
+    bo.add_argument("--factors", type=_factors, default=[0.5, 1.0, 1.5, 2.0, 3.0], help="x capacity")
+    bo.add_argument("--seconds", type=_seconds, default=20.0, help="length of each level")
+    bo.add_argument(
+        "--deadline", type=_seconds, default=10.0, help="clients' deadline = router.request_timeout_s"
+    )
+    bo.add_argument("--prompt-words", type=positive, default=64)
+    bo.add_argument("--max-tokens", type=positive, default=32)
+    bo.add_argument(
+        "--concurrency", type=positive, default=8, help="closed-loop clients of the capacity probe"
+    )
+    bo.add_argument("--replicas", type=positive, default=1, help="engine replicas")
+    bo.add_argument("--threads", type=positive, default=None, help="torch threads per engine replica")
+    bo.set_defaults(func=cmd_bench_overload)
 
     ba = bench.add_parser(
         "autoscale",
