@@ -4,6 +4,7 @@ body is one the document promises; invalid bodies are refused with a 4xx."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -80,7 +81,8 @@ def test_every_operation_holds_to_its_document(live_schema: Any, path: str, meth
         database=None,
     )
     def run(case: Any) -> None:
-        _cheap(case)
+        if mode == GenerationMode.POSITIVE:  # an invalid case stays exactly as generated
+            _cheap(case)
         case.call_and_validate(checks=CHECKS, timeout=120)
 
     run()
@@ -88,7 +90,9 @@ def test_every_operation_holds_to_its_document(live_schema: Any, path: str, meth
 
 def test_the_document_has_no_dangling_reference(cluster: Any) -> None:
     spec = httpx.get(f"{cluster.base_url}/openapi.json", timeout=30).json()
-    text = str(spec)
-    for name in ("TextPart", "StreamOptions", "ImagePart", "ErrorResponse"):
-        assert f"#/components/schemas/{name}" in text and name in spec["components"]["schemas"]
-    assert "#/$defs/" not in text
+    refs = set(re.findall(r"'\$ref': '([^']+)'", str(spec)))
+    schemas = spec["components"]["schemas"]
+    assert {"TextPart", "StreamOptions", "ImagePart", "ErrorResponse"} <= set(schemas)
+    assert refs and all(
+        r.startswith("#/components/schemas/") and r.rsplit("/", 1)[1] in schemas for r in refs
+    ), refs

@@ -277,3 +277,19 @@ def test_extreme_temperatures_sample_a_real_token_instead_of_stopping_the_engine
         assert token == int(torch.argmax(logits))
     else:
         assert token in set(torch.topk(logits, 10).indices.tolist())
+
+
+def test_logprobs_of_no_mass_are_clamped_to_finite_json() -> None:
+    """vLLM reports -inf for a token with no mass; JSON has no -inf (500 / invalid SSE before)."""
+    from maverick_serve.serving.openai_format import ResponseFormatter
+
+    class _Tok:
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return f"t{ids[0]}"
+
+    fmt = ResponseFormatter("m", _Tok())  # type: ignore[arg-type]
+    lps = [{"token_id": 1, "logprob": float("-inf"), "top": [(2, float("nan")), (3, -0.5)]}]
+    chat = fmt.chat_logprobs(lps)["content"][0]
+    assert chat["logprob"] == -9999.0 and [t["logprob"] for t in chat["top_logprobs"]] == [-9999.0, -0.5]
+    comp = fmt.completion_logprobs(lps)
+    assert comp["token_logprobs"] == [-9999.0] and comp["top_logprobs"] == [{"t2": -9999.0, "t3": -0.5}]

@@ -416,3 +416,21 @@ def test_a_decompression_bomb_is_refused_from_its_header(api: Api) -> None:
     err = r.json()["error"]
     assert r.status_code == 400 and "max_image_pixels" in err["message"], r.text
     assert err["param"] == "messages.0.content.0.image_url.url"
+
+
+def test_lone_surrogates_and_integral_floats(api: Api) -> None:
+    """A JSON \\ud800 escape made the tokenizer raise (500); 10.0 is an integer to JSON Schema."""
+    for path, body, param in [
+        ("/v1/completions", b'{"model": "llama-4-tiny", "prompt": "a\\ud800", "max_tokens": 2}', "prompt"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "llama-4-tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+            "messages",
+        ),
+    ]:
+        r = api.post(path, raw=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and "surrogate" in r.text, r.text
+    r = api.post("/v1/chat/completions", _chat("hi", max_tokens=3.0, n=1.0, seed=4.0, temperature=0.5))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    r = api.post("/v1/chat/completions", _chat("hi", max_tokens=True))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maverick_serve.engine.types import SamplingParams
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer: 10.0 is one (some clients compute their counts as floats), true is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 class TextPart(BaseModel):
@@ -68,6 +75,8 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence tokens.")
 
+    _integers = field_validator("n", "top_k", "seed", mode="before")(_json_integer)
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -81,6 +90,10 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, description="Top logprobs per token (with logprobs).")
 
+    _counts = field_validator("max_tokens", "max_completion_tokens", "top_logprobs", mode="before")(
+        _json_integer
+    )
+
     def sampling(self) -> SamplingParams:
         lp = (self.top_logprobs or 0) if self.logprobs else None
         return _sampling(self, self.max_completion_tokens or self.max_tokens, lp)
@@ -91,6 +104,8 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most.")
     logprobs: int | None = Field(None, ge=0, description="Top logprobs per token.")
     echo: bool = False
+
+    _counts = field_validator("max_tokens", "logprobs", mode="before")(_json_integer)
 
     def sampling(self) -> SamplingParams:
         return _sampling(self, self.max_tokens, self.logprobs)

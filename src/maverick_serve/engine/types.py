@@ -55,7 +55,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        # Below this, logits / temperature overflow to inf and the softmax to NaN (vLLM's cut too).
+        # Below this, logits / temperature overflow to inf and the softmax to NaN.
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate_against(self, max_logprobs: int, vocab_size: int) -> None:

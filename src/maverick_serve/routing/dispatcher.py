@@ -118,8 +118,9 @@ class Dispatcher:
             return
         if self._poller is None:
             self._poller = background_task(self._poll_loop())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first_poll.wait(), timeout=1.0)
+            # Only the first request waits: with the hub down, later ones must not each pay 1 s.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_poll.wait(), timeout=1.0)
 
     async def _poll_loop(self) -> None:
         assert self.channel is not None
@@ -139,7 +140,10 @@ class Dispatcher:
             await asyncio.sleep(self.routing.state_interval_s)
 
     def _hub_silent(self) -> bool:
-        return self.channel is not None and time.monotonic() - self._polled_at > self.routing.state_expiry_s
+        # Sooner than entries expire (state_expiry_s after the replica's last report, which the
+        # hub's answers lag): a dead hub must not open a window where every replica looks gone.
+        silent_after = min(self.routing.state_expiry_s, max(1.0, 3 * self.routing.state_interval_s))
+        return self.channel is not None and time.monotonic() - self._polled_at > silent_after
 
     def close(self) -> None:
         if self._poller is not None:

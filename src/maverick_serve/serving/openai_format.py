@@ -41,6 +41,14 @@ def merge_events(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _finite(logprob: float) -> float:
+    """-inf (a token vLLM assigns no mass) and NaN are not JSON: clamped as vLLM's server does."""
+    return logprob if logprob > _LOGPROB_FLOOR else _LOGPROB_FLOOR
+
+
+_LOGPROB_FLOOR = -9999.0
+
+
 class ResponseFormatter:
     def __init__(self, model_name: str, tokenizer: Tokenizer) -> None:
         self.model_name = model_name
@@ -93,10 +101,10 @@ class ResponseFormatter:
             content.append(
                 {
                     "token": tok,
-                    "logprob": lp["logprob"],
+                    "logprob": _finite(lp["logprob"]),
                     "bytes": list(tok.encode()),
                     "top_logprobs": [
-                        {"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode())}
+                        {"token": (t := self.token_text(i)), "logprob": _finite(v), "bytes": list(t.encode())}
                         for i, v in lp["top"]
                     ],
                 }
@@ -111,8 +119,8 @@ class ResponseFormatter:
             pos += len(t)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp["logprob"] for lp in lps],
-            "top_logprobs": [{self.token_text(i): v for i, v in lp["top"]} for lp in lps],
+            "token_logprobs": [_finite(lp["logprob"]) for lp in lps],
+            "top_logprobs": [{self.token_text(i): _finite(v) for i, v in lp["top"]} for lp in lps],
             "text_offset": offsets,
         }
 

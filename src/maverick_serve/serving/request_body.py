@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.requests import Request
@@ -25,6 +27,16 @@ async def read_json_body(request: Request, max_bytes: int, max_depth: int) -> An
             raise APIError(
                 413, f"request body exceeds router.max_body_bytes={max_bytes}", code="body_too_large"
             )
+    # Big bodies are parsed and checked off the event loop: other requests keep streaming.
+    if len(body) > _INLINE_BYTES:
+        return await asyncio.to_thread(_parse, bytes(body), max_depth)
+    return _parse(bytes(body), max_depth)
+
+
+_INLINE_BYTES = 256 * 1024
+
+
+def _parse(body: bytes, max_depth: int) -> Any:
     try:
         payload = json.loads(body, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
@@ -48,16 +60,18 @@ def _too_deep(limit: int) -> APIError:
 
 
 def nesting_exceeds(value: Any, limit: int) -> bool:
-    """Whether arrays/objects nest more than `limit` levels (iterative: no recursion to exhaust)."""
+    """Whether arrays/objects nest more than `limit` levels. Depth-first over a stack of iterators,
+    so memory is bounded by the depth, not by how many containers the body holds."""
     if not isinstance(value, dict | list):
         return False
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[Iterator[Any]] = [iter(value.values() if isinstance(value, dict) else value)]
     while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node
-        nested = [c for c in children if isinstance(c, dict | list)]
-        if nested:
-            if depth + 1 > limit:
-                return True
-            stack.extend((c, depth + 1) for c in nested)
+        for child in stack[-1]:
+            if isinstance(child, dict | list):
+                if len(stack) >= limit:
+                    return True
+                stack.append(iter(child.values() if isinstance(child, dict) else child))
+                break
+        else:
+            stack.pop()
     return False

@@ -115,7 +115,7 @@ class RequestBuilder:
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt is empty", "prompt")
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True).ids)
+            return self._encode(prompt, "prompt", add_special_tokens=True)
         ids = [int(t) for t in prompt]
         vocab = self.spec.text.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -163,8 +163,16 @@ class RequestBuilder:
             raise APIError(
                 400, f"messages: the chat template cannot render them: {exc}"[:500], "messages"
             ) from None
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        ids = self._encode(text, "messages", add_special_tokens=False)
         return self._expand(ids, aspect), images
+
+    def _encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        except (TypeError, UnicodeEncodeError):  # JSON's \ud800 escapes decode to lone surrogates
+            raise APIError(
+                400, f"{param}: text is not valid Unicode (a lone surrogate escape such as \\ud800)", param
+            ) from None
 
     def _expand(self, ids: list[int], aspects: list[tuple[int, int]]) -> list[int]:
         out: list[int] = []

@@ -17,7 +17,9 @@ def vllm_sampling(params: SamplingParams, max_tokens: int) -> VllmSamplingParams
     without one fills the context, as on the native engine)."""
     return VllmSamplingParams(
         max_tokens=max_tokens,
-        temperature=params.temperature,
+        # Our greedy cut, not vLLM's (it lifts 0 < t < 0.01 to 0.01 and samples): both backends
+        # answer a tiny temperature with the same greedy tokens.
+        temperature=0.0 if params.greedy else params.temperature,
         top_p=params.top_p,
         top_k=0 if params.top_k in (0, -1) else params.top_k,
         seed=params.seed,
