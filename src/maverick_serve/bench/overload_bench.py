@@ -18,6 +18,7 @@ import json
 import random
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,11 @@ class LevelFigures:
     refused: int = 0  # 429
     errors: int = 0  # anything else that was not a served answer
     ttft_s: list[float] = field(default_factory=list)
+    error_kinds: Counter[str] = field(default_factory=Counter)  # HTTP status or exception name
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] += 1
 
     @property
     def goodput_rps(self) -> float:
@@ -83,7 +89,7 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], work: Workload, 
                 return
             if r.status_code != 200:
                 await r.aread()
-                level.errors += 1
+                level.error(str(r.status_code))
                 return
             done = False
             async for line in r.aiter_lines():
@@ -94,14 +100,15 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], work: Workload, 
                     break
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    break
+                    level.error(f"error event {chunk['error'].get('code') or ''}".strip())
+                    return
                 if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     ttft = time.perf_counter() - start
-    except httpx.HTTPError:
-        level.errors += 1
+    except httpx.HTTPError as exc:
+        level.error(type(exc).__name__)
         return
     if not done:
-        level.errors += 1
+        level.error("stream without [DONE]")
         return
     if ttft is not None:
         level.ttft_s.append(ttft)
@@ -209,6 +216,9 @@ def format_table(capacity: float, levels: list[LevelFigures], work: Workload) ->
             f"{lv.goodput_rps / capacity:.2f} | {lv.in_time} | {lv.late} | {lv.refused_share:.0%} | "
             f"{lv.errors} | {pct(lv.ttft_s, 0.5) * 1000:.0f} ms | {pct(lv.ttft_s, 0.99) * 1000:.0f} ms |"
         )
+    kinds = [f"{lv.factor:g}x: {dict(lv.error_kinds)}" for lv in levels if lv.error_kinds]
+    if kinds:
+        lines += ["", "errors by kind: " + "; ".join(kinds)]
     past = [lv for lv in levels if lv.factor >= 1]
     if len(past) >= 2:
         drop = min(lv.goodput_rps for lv in past) / max(lv.goodput_rps for lv in past)
