@@ -21,10 +21,8 @@ The table is printed; the bounds are asserted: none hung, none wrong, none faile
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
 import signal
 import time
 from collections import Counter
@@ -202,11 +200,8 @@ def _wait_replicas(deployment: str, count: int, timeout_s: float = 180) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (bash scripts/setup.sh installs it)")
-    redis = RedisProcess(tmp_path_factory.mktemp("redis"))
-    redis.start()
+def cluster(tiny_model: Path, redis_process: RedisProcess) -> Iterator[Cluster]:
+    redis = redis_process
     cfg = ClusterConfig.model_validate(
         {
             "model": {"path": str(tiny_model), "served_model_name": APP},
@@ -221,7 +216,7 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             },
         }
     )
-    with serve_app(cfg, APP) as url, contextlib.closing(_Stopper(redis)):
+    with serve_app(cfg, APP) as url:
         reference: dict[str, str] = {}
 
         async def fault_free() -> None:
@@ -233,14 +228,6 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
         asyncio.run(fault_free())
         yield Cluster(url, reference, redis)
-
-
-class _Stopper:
-    def __init__(self, redis: RedisProcess) -> None:
-        self.redis = redis
-
-    def close(self) -> None:
-        self.redis.stop()
 
 
 @dataclass

@@ -17,7 +17,6 @@ import base64
 import contextlib
 import io
 import random
-import shutil
 import statistics
 import time
 from collections import Counter
@@ -182,13 +181,8 @@ def _settled(values: list[float]) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def soak_cluster(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, RedisProcess]]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (bash scripts/setup.sh installs it)")
-    store = RedisProcess(tmp_path_factory.mktemp("redis"))
-    store.start()
+def soak_cluster(tiny_model: Path, redis_process: RedisProcess) -> Iterator[tuple[str, RedisProcess]]:
+    store = redis_process
     cfg = ClusterConfig.model_validate(
         {
             "model": {"path": str(tiny_model), "served_model_name": APP},
@@ -197,11 +191,8 @@ def soak_cluster(
             "router": {"max_images_per_request": 2},
         }
     )
-    try:
-        with serve_app(cfg, APP) as url:
-            yield url, store
-    finally:
-        store.stop()
+    with serve_app(cfg, APP) as url:
+        yield url, store
 
 
 @pytest.mark.slow
