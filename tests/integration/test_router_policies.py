@@ -170,7 +170,7 @@ def test_requests_that_cannot_finish_in_time_get_429_up_front_not_504(tiny_model
                 await asyncio.sleep(0.2)
             load = next(iter(cluster.router.dispatcher.view.replicas.values())).load
             rates = {"step_s": load.step_s, "finished_per_s": load.finished_per_s}
-            burst = [[(11 * i + j) % 1800 + 10 for j in range(64)] for i in range(24)]
+            burst = [[(11 * i + j) % 1800 + 10 for j in range(64)] for i in range(48)]
             results = await asyncio.gather(*(_complete(cluster, p, max_tokens=32) for p in burst))
             return list(results), rates
         finally:
@@ -178,7 +178,8 @@ def test_requests_that_cannot_finish_in_time_get_429_up_front_not_504(tiny_model
 
     results, rates = _run(scenario())
     codes = [r["_status"] for r in results]
-    # One seat, 24 requests of 32 tokens: the queue takes many times the 4 s deadline to drain.
+    # One seat, 48 requests of 32 tokens (~0.15 s each here): the queue takes about twice the 4 s
+    # deadline to drain, so roughly half must be refused up front and the rest served in time.
     assert codes.count(504) == 0, (codes, rates)
     assert codes.count(200) >= 2 and codes.count(429) >= 8, (codes, rates)
     served = [r["_latency"] for r in results if r["_status"] == 200]

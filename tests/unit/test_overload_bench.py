@@ -61,7 +61,7 @@ def test_table_shows_goodput_against_capacity_and_whether_it_falls() -> None:
     text = format_table(2.0, [a, b], WORK)
     assert "| 1x | 2.00 | 20 | 1.80 | 0.90 |" in text
     assert "| 3x | 6.00 | 60 | 0.90 | 0.45 | 9 | 0 | 67% |" in text
-    assert "lowest / highest = 0.50" in text
+    assert "goodput past capacity: lowest 0.45 x capacity, at 3x" in text
 
 
 @pytest.mark.parametrize(

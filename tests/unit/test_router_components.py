@@ -423,6 +423,25 @@ def test_the_dispatcher_answers_429_naming_the_deadline_and_retry_after() -> Non
     # b: 3 s + 11/4 s wait + 3 ms + 0.2 s own run, 5 s left → about 1 s to drain
     assert err.value.headers["retry-after"] == "1"
     assert dispatcher.choose(cost, budget_s=6.0).ranked == ["b"]  # a longer deadline fits b only
+    # Before the prompt is built: refused on the queues alone, with the same answer.
+    with pytest.raises(APIError) as early:
+        dispatcher.refuse_early(10, 1)
+    assert early.value.status == 429 and early.value.headers["retry-after"] == "1"
+    assert dispatcher.metrics.stats.rejections["all_replicas_full"] == 1
+
+
+def test_the_early_refusal_never_refuses_what_choose_would_admit() -> None:
+    from maverick_serve.model.image_processing import ImageProcessingConfig
+    from maverick_serve.routing.dispatcher import Dispatcher
+
+    cfg = ClusterConfig.model_validate({"router": {"request_timeout_s": 5.0}})
+    dispatcher = Dispatcher(cfg, preset("tiny"), None, None, ImageProcessingConfig())  # type: ignore[arg-type]
+    dispatcher.refuse_early(10, 1)  # no replica state yet: Serve's choice, nothing refused
+    hub = ReplicaStateHub()
+    hub.publish(_report("a", reset=True, **_measured(queued_prefill_tokens=2000, running=8, waiting=4)))
+    dispatcher.view.apply(hub.poll(None, 0))
+    dispatcher.refuse_early(10, 1)  # 2 s + 1.25 s of queue fits 5 s: let the prompt be built
+    assert dispatcher.choose(dispatcher.price([1, 2, 3], [], None, max_tokens=10)).ranked == ["a"]
 
 
 def test_merged_engine_events_keep_every_token_and_the_last_end_state() -> None:
@@ -453,7 +472,7 @@ def test_merged_engine_events_keep_every_token_and_the_last_end_state() -> None:
 
 
 def test_engine_rates_for_admission_come_from_step_times() -> None:
-    from maverick_serve.engine.native import measured_rates
+    from maverick_serve.engine.step_rates import measured_rates
 
     # (end time, prompt tokens, generated tokens, step seconds, finished) per step
     prefills = [(10.0 + 0.1 * i, 300, 2, 0.05, 0) for i in range(10)]
@@ -463,3 +482,46 @@ def test_engine_rates_for_admission_come_from_step_times() -> None:
     assert rates["step_s"] == pytest.approx((0.5 + 0.4) / 30)
     assert rates["finished_per_s"] == pytest.approx(10 / 0.9)  # per second of step time
     assert measured_rates(tuple(decodes[:5]))["step_s"] == 0.0  # 0.1 s of steps: not yet measured
+
+
+def test_the_step_time_model_extrapolates_to_the_batch_a_burst_builds() -> None:
+    from maverick_serve.engine.step_rates import measured_rates, step_model
+
+    # Steps of 4..12 sequences at 5 ms + 1 ms each, plus prefilling steps 10 µs per prompt token.
+    decodes = [(float(i), 0, 4 + i % 9, 0.005 + 0.001 * (4 + i % 9), 0) for i in range(90)]
+    prefills = [(100.0 + i, 200, 6, 0.005 + 0.006 + 200 * 1e-5, 0) for i in range(10)]
+    base, per_seq = step_model(decodes + prefills)
+    # The base carries the mean step's prompt work: 200 tokens in one step of ten, 10 µs each.
+    assert base == pytest.approx(0.005 + 20 * 1e-5, rel=1e-6) and per_seq == pytest.approx(0.001, rel=1e-6)
+    # One batch size only: the slope is not identifiable, so step time is proportional to the batch.
+    flat = [(float(i), 0, 8, 0.016, 0) for i in range(50)]
+    assert step_model(flat) == (0.0, pytest.approx(0.002))
+    assert step_model([(0.0, 300, 0, 0.05, 0)]) == (0.0, 0.0)  # nothing decoded: no model
+    assert measured_rates(decodes)["batch_p90"] == 12  # batches 4..12, ten steps each
+
+
+def test_admission_predicts_decode_at_the_batch_the_request_joins() -> None:
+    from maverick_serve.routing.state import ReplicaEntry, ReplicaLoad
+
+    load = ReplicaLoad(
+        running=4,
+        waiting=0,
+        max_num_seqs=64,
+        prefill_tokens_per_s=10_000.0,
+        step_s=0.01,
+        finished_per_s=5.0,
+        step_base_s=0.005,
+        step_per_seq_s=0.001,
+    )
+    entry = ReplicaEntry("r", 0, load)
+    cost = RequestCost(prompt_tokens=100, max_tokens=100)
+    adm = Admission(RoutingConfig())
+    # 4 running + itself = 5 sequences: 100 × (5 + 5) ms, plus 10 ms of prompt.
+    assert adm.own_time_s(entry, cost) == pytest.approx(0.01 + 100 * 0.010)
+    entry.sent_requests = 200  # a burst on its way: the batch it joins is full (64 seats)
+    assert adm.own_time_s(entry, cost) == pytest.approx(0.01 + 100 * (0.005 + 0.064))
+    assert not adm.verdict(entry, cost, 1, budget_s=5.0).admit  # 6.9 s of decode alone
+    entry.sent_requests = 0
+    assert adm.verdict(entry, cost, 1, budget_s=5.0).admit
+    load.batch_p90 = 40.0  # it ran at 40 lately: the next arrivals refill the batch it joins
+    assert adm.own_time_s(entry, cost) == pytest.approx(0.01 + 100 * (0.005 + 0.040))

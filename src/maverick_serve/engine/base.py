@@ -67,8 +67,9 @@ class ServingEngine(ABC):
     @abstractmethod
     def load_report(self) -> dict[str, float]:
         """waiting, running, queued_prefill_tokens, free_kv_blocks, total_kv_blocks; where the
-        engine measures them also max_num_seqs, prefill_tokens_per_s, step_s and finished_per_s
-        (admission control predicts queue waits from them; absent or 0 means not measured)."""
+        engine measures them also max_num_seqs, prefill_tokens_per_s, step_s, finished_per_s and
+        the decode step-time model step_base_s + step_per_seq_s × batch (`engine/step_rates.py`;
+        admission control predicts queue waits from them; absent or 0 means not measured)."""
 
     @property
     @abstractmethod

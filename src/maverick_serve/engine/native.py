@@ -24,6 +24,7 @@ from maverick_serve.engine.runner import ModelRunner
 from maverick_serve.engine.sampler import sample_token
 from maverick_serve.engine.scheduler import ScheduledChunk, Scheduler
 from maverick_serve.engine.sequence import Sequence, Status
+from maverick_serve.engine.step_rates import StepRecord, measured_rates
 from maverick_serve.engine.types import (
     MAX_RECORDED_STEPS,
     EngineRequest,
@@ -39,27 +40,8 @@ from maverick_serve.model.checkpoint import load_model, torch_dtype
 from maverick_serve.model.llama4 import Llama4Model
 
 _RATE_WINDOW_S = 10.0
-# Below this much step time in the window a rate is noise: report it as unknown (0).
-_MIN_BUSY_S = 0.5
 # A longer gap between two steps means the engine was idle, not busy between them.
 _IDLE_GAP_S = 0.1
-
-
-def measured_rates(rates: tuple[tuple[float, int, int, float, int], ...]) -> dict[str, float]:
-    """What admission control predicts queue waits from (0 = not measured yet): prompt tokens per
-    second of the steps that computed prompt tokens (all tokens over all step time would mostly
-    measure how many decodes were batched: a decode adds one token to a step), the mean step
-    time, and requests finished per second of step time (not wall time: idle gaps in the window
-    would make a busy queue look slow to drain)."""
-    busy = sum(r[3] for r in rates)
-    if busy < _MIN_BUSY_S:
-        return {"prefill_tokens_per_s": 0.0, "step_s": 0.0, "finished_per_s": 0.0}
-    prefill_s = sum(r[3] for r in rates if r[1])
-    return {
-        "prefill_tokens_per_s": sum(r[1] for r in rates) / prefill_s if prefill_s else 0.0,
-        "step_s": busy / len(rates),
-        "finished_per_s": sum(r[4] for r in rates) / busy,
-    }
 
 
 def plan_kv_blocks(spec: ModelSpec, cfg: NativeEngineConfig) -> dict[str, int]:
@@ -126,7 +108,7 @@ class NativeEngine(Engine):
         self._steps = 0
         self._last_step_end = 0.0
         # (end time, prompt tokens, generated tokens, step seconds, requests finished) per step
-        self._rates: deque[tuple[float, int, int, float, int]] = deque()
+        self._rates: deque[StepRecord] = deque()
         self._seeds = torch.Generator().manual_seed(config.seed)
 
     @classmethod

@@ -10,10 +10,13 @@ long a new request would wait there before its first step:
     seat wait    = requests that must leave before it gets a seat (waiting + sent + 1 − free
                    seats) / requests finished per second
 
-and how long it then runs itself (its prompt at the same rate, plus `max_tokens` steps when the
-client set it). The request is admitted where wait + own time fits the time left to its
-deadline (times `routing.deadline_headroom`). The sum over-predicts (prefill and seats partly
-overlap): near the limit it refuses a little early rather than admit work that times out.
+and how long it then runs itself (its prompt at the same rate, plus `max_tokens` decode steps
+when the client set it, each as long as the engine's step-time model predicts for the batch it
+joins: the requests running and queued there, up to the engine's seats, and at least the batch it
+ran at lately; a mean step time measured while few requests ran would let a burst in that then
+misses its deadline together). The request is admitted where wait + own time fits the time left
+to its deadline (times `routing.deadline_headroom`). The sum over-predicts (prefill and seats
+partly overlap): near the limit it refuses a little early rather than admit work that times out.
 
 Only when no live replica admits does the router answer 429, with a `Retry-After` of the
 shortest time any replica needs to drain enough (queues drain in real time). Two bounds hold
@@ -63,11 +66,22 @@ class Admission:
     def __init__(self, cfg: RoutingConfig) -> None:
         self.cfg = cfg
 
-    def own_time_s(self, entry: ReplicaEntry, cost: RequestCost) -> float:
-        """The request's own prefill and decode on `entry` once it starts (0 if not measured)."""
+    def own_time_s(self, entry: ReplicaEntry, cost: RequestCost, seats: int = 1) -> float:
+        """The request's own prefill and decode on `entry` once it starts (0 if not measured),
+        its decode steps at the batch it joins: every request there and queued, up to the seats,
+        and at least the batch the replica ran at lately (under a sustained load, arrivals after
+        it fill a batch that is momentarily small, and every step slows)."""
         load = entry.load
         prefill = cost.work / load.prefill_tokens_per_s if load.prefill_tokens_per_s > 0 else 0.0
-        return prefill + cost.max_tokens * load.step_s
+        batch = max(load.running + entry.queued() + seats, math.ceil(load.batch_p90))
+        if load.max_num_seqs > 0:
+            batch = min(batch, load.max_num_seqs)
+        return prefill + cost.max_tokens * load.step_at(batch)
+
+    def forecast_s(self, entry: ReplicaEntry, cost: RequestCost, seats: int = 1) -> float | None:
+        """Seconds from now until `cost` would finish on `entry` (None: rates not measured)."""
+        wait = predicted_wait_s(entry, seats)
+        return None if wait is None else wait + self.own_time_s(entry, cost, seats)
 
     def verdict(self, entry: ReplicaEntry, cost: RequestCost, seats: int, budget_s: float) -> Verdict:
         """May `cost` (on `seats` sequences: the request's `n`) join `entry` with `budget_s`
@@ -88,7 +102,7 @@ class Admission:
         wait = predicted_wait_s(entry, seats) if cfg.admit_by_predicted_wait else None
         if wait is None:
             return Verdict(True, None, None, "admitted")
-        over = wait + self.own_time_s(entry, cost) - cfg.deadline_headroom * budget_s
+        over = wait + self.own_time_s(entry, cost, seats) - cfg.deadline_headroom * budget_s
         # An idle replica always admits: the request alone is the best it can do.
         if over > 0 and (queued > 0 or pending > 0):
             return Verdict(False, wait, over, "deadline")

@@ -34,7 +34,7 @@ from maverick_serve.routing.cost import CostModel, RequestCost
 from maverick_serve.routing.metrics import RouterMetrics
 from maverick_serve.routing.policy import Decision, make_policy
 from maverick_serve.routing.publisher import StateChannel
-from maverick_serve.routing.state import ClusterView
+from maverick_serve.routing.state import ClusterView, ReplicaEntry
 
 logger = logging.getLogger(__name__)
 Stream = AsyncGenerator[dict[str, Any], None]
@@ -69,6 +69,7 @@ class Opened:
     predicted: str | None  # where the policy sent it (for load accounting)
     cost: RequestCost
     retries: int
+    forecast_s: float | None = None  # admission's predicted time to finish on `predicted`, when sent
     settled: bool = False  # load accounting and hit metrics done
 
 
@@ -177,17 +178,41 @@ class Dispatcher:
                 {"retry-after": str(self.routing.retry_after_s)},
             )
         budget = self.cfg.router.request_timeout_s if budget_s is None else budget_s
-        verdicts = [self.admission.verdict(e, cost, seats, budget) for e in alive]
+        return self.policy.choose(self.view, cost, self._admitted(alive, cost, seats, budget))
+
+    def _admitted(
+        self, alive: list[ReplicaEntry], cost: RequestCost, seats: int, budget_s: float
+    ) -> list[ReplicaEntry]:
+        """The replicas that admit `cost`; 429 with Retry-After when none does."""
+        verdicts = [self.admission.verdict(e, cost, seats, budget_s) for e in alive]
         admitted = [e for e, v in zip(alive, verdicts, strict=True) if v.admit]
         if not admitted:
             raise APIError(
                 429,
-                self._refusal(verdicts, budget),
+                self._refusal(verdicts, budget_s),
                 None,
                 "overloaded",
                 {"retry-after": str(retry_after(verdicts, self.routing.retry_after_s))},
             )
-        return self.policy.choose(self.view, cost, admitted)
+        return admitted
+
+    def refuse_early(self, max_tokens: int | None, seats: int) -> None:
+        """Before the prompt is built (chat template, tokenizer, image fetches: most of what a
+        refusal costs the router's CPU, which past capacity is what the admitted requests need):
+        429 where no replica would admit even an empty prompt. A real prompt only costs more, so
+        nothing refused here would have been admitted. Leaves every other answer to `choose`."""
+        if self.capacity_coming is not None and self.capacity_coming():
+            return  # choose_or_wait waits for the replicas that are starting
+        if not self.view.replicas or self._hub_silent():
+            return
+        alive = self.view.alive()
+        if alive:
+            cost = RequestCost(prompt_tokens=0, max_tokens=max_tokens or 0)
+            try:
+                self._admitted(alive, cost, seats, self.cfg.router.request_timeout_s)
+            except APIError:
+                self.metrics.rejection("all_replicas_full")
+                raise
 
     def _refusal(self, verdicts: list[Verdict], budget_s: float) -> str:
         r = self.routing
@@ -248,6 +273,8 @@ class Dispatcher:
                 )
             uncached = max(0.0, cost.work - decision.predicted_hit_tokens) * len(items)
             image_work = cost.image_tokens + cost.vision_work
+            entry = self.view.replicas.get(predicted) if predicted is not None else None
+            forecast = self.admission.forecast_s(entry, cost, len(items)) if entry is not None else None
             if predicted is not None:
                 self.view.on_sent(predicted, uncached, image_work)
             routed = [item.model_copy(update={"route": decision.ranked}).model_dump() for item in items]
@@ -275,7 +302,7 @@ class Dispatcher:
                         cost.prompt_tokens,
                         cost.image_tokens,
                     )
-                return Opened(streams, firsts, replica, predicted, cost, retries)
+                return Opened(streams, firsts, replica, predicted, cost, retries, forecast)
             for s in streams:
                 await s.aclose()
             if predicted is not None:

@@ -28,6 +28,15 @@ class ReplicaLoad:
     prefill_tokens_per_s: float = 0.0  # prompt tokens per second of the steps that prefilled
     step_s: float = 0.0  # mean step time
     finished_per_s: float = 0.0  # requests finished per second of step time
+    step_base_s: float = 0.0  # decode step time model: base + per_seq × batch (0, 0: not fitted)
+    step_per_seq_s: float = 0.0
+    batch_p90: float = 0.0  # sequences per step lately (90th percentile)
+
+    def step_at(self, batch: int) -> float:
+        """Predicted decode step time with `batch` sequences (the mean step time unmodelled)."""
+        if self.step_per_seq_s > 0:
+            return self.step_base_s + self.step_per_seq_s * max(1, batch)
+        return self.step_s
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplicaLoad:
