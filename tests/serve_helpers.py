@@ -44,8 +44,8 @@ def serve_app(
             )
             deploy_config(f"http://127.0.0.1:{dashboard}", cfg)
             wait_ready(f"http://127.0.0.1:{port}", 300)
-        else:
-            serve.run(build_app(cfg), name=name, route_prefix="/")
+        else:  # the app's name is the config's: routers look their deployments up by it
+            serve.run(build_app(cfg.model_copy(update={"app_name": name})), name=name, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -162,8 +162,9 @@ ROUTER_METRICS = (
     MetricSpec("maverick_router_replica_queue", "gauge", "requests",
                "Waiting requests per engine replica, as this router sees them.", ("replica",)),
     MetricSpec("maverick_router_prefill_handoffs", "counter", "requests",
-               "Long prompts sent to the prefill tier, by outcome (ok, error, self: engine prefilled).",
-               ("outcome",), seed=("outcome", ("ok", "error", "self"))),
+               "Long prompts sent to the prefill tier, by outcome (ok; error: refused; fallback: the "
+               "prefill replica failed, the engine prefilled; self: no prefill replica up).",
+               ("outcome",), seed=("outcome", ("ok", "error", "fallback", "self"))),
     MetricSpec("maverick_router_prefill_handoff_seconds", "histogram", "s",
                "Prefill hand-off: the prefill replica computed and stored the prompt's KV.", (),
                REQUEST_LATENCY_BUCKETS),

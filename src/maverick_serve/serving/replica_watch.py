@@ -4,6 +4,8 @@
   a request sent to it would wait for a cold start. Instead the router lets the engine prefill the
   prompt itself and reports the prompt's tokens as prefill demand (the autoscaler starts prefill
   replicas from that).
+  A fixed-size prefill tier is watched too: while its replicas are replaced (killed, node lost),
+  long prompts are prefilled by the engines instead of waiting in the handle for a new replica.
 - Engine: when every engine replica is full but more are starting, the router waits for them
   instead of answering 429 (`router.routing.scale_up_wait_s`).
 
@@ -21,19 +23,21 @@ from maverick_serve.observability.tracing import background_task
 logger = logging.getLogger(__name__)
 
 
-def replica_counts(app: str, deployment: str) -> dict[str, int]:
-    """Replicas of `deployment` by state (RUNNING, STARTING, ...)."""
+def replica_counts(app: str, deployment: str) -> dict[str, int] | None:
+    """Replicas of `deployment` by state (RUNNING, STARTING, ...); None where Serve does not
+    know the deployment (yet)."""
     from ray import serve
 
     status = serve.status().applications.get(app)
     dep = status.deployments.get(deployment) if status is not None else None
     if dep is None:
-        return {}
+        return None
     return {str(getattr(state, "value", state)): n for state, n in dep.replica_states.items()}
 
 
 class ReplicaWatch:
-    """`always`: a fixed-size tier, nothing to watch (available, nothing starting)."""
+    """`always`: nothing to watch (available, nothing starting). `assume_up`: whether the tier
+    counts as available before the first count arrives (a tier that may be at zero does not)."""
 
     def __init__(
         self,
@@ -41,13 +45,15 @@ class ReplicaWatch:
         deployment: str,
         always: bool,
         interval_s: float = 2.0,
-        count: Callable[[str, str], dict[str, int]] = replica_counts,
+        count: Callable[[str, str], dict[str, int] | None] = replica_counts,
+        assume_up: bool = False,
     ) -> None:
         self.app, self.deployment = app, deployment
         self.always = always
         self.interval_s = interval_s
         self.count = count
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] | None = None  # None: not counted yet
+        self.assume_up = assume_up
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -56,16 +62,21 @@ class ReplicaWatch:
 
     def available(self) -> bool:
         """A replica runs (a prefill tier at zero is not available)."""
-        return self.always or self.counts.get("RUNNING", 0) > 0
+        if self.always:
+            return True
+        return self.assume_up if self.counts is None else self.counts.get("RUNNING", 0) > 0
 
     def starting(self) -> bool:
         """Replicas the autoscaler asked for are on their way."""
-        return not self.always and self.counts.get("STARTING", 0) > 0
+        return not self.always and (self.counts or {}).get("STARTING", 0) > 0
 
     async def _refresh(self) -> None:
         while True:
             try:
-                self.counts = await asyncio.to_thread(self.count, self.app, self.deployment)
+                counts = await asyncio.to_thread(self.count, self.app, self.deployment)
+                if counts is None and self.counts is not None:  # it was there: say so once
+                    logger.warning("Serve no longer lists %s in app %s", self.deployment, self.app)
+                self.counts = counts
             except Exception as exc:  # the controller restarting: keep the last count
                 logger.debug("replica count of %s unavailable: %r", self.deployment, exc)
             await asyncio.sleep(self.interval_s)

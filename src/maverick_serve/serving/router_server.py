@@ -65,10 +65,9 @@ class RouterServer:
         self.engine_replicas = ReplicaWatch(
             self.config.app_name, engine_deployment_name, always=not a.enabled
         )
+        may_be_zero = a.enabled and a.prefill.min_replicas == 0
         self.prefill_live = ReplicaWatch(
-            self.config.app_name,
-            prefill_deployment_name,
-            always=not (a.enabled and a.prefill.min_replicas == 0),
+            self.config.app_name, prefill_deployment_name, always=False, assume_up=not may_be_zero
         )
         # Long prompts' tokens admitted here lately: the prefill tier's load, with or without replicas.
         self.prefill_demand = RateWindow(a.signal_window_s)
@@ -193,6 +192,7 @@ class RouterServer:
                 except ValidationError as exc:
                     raise from_validation_error(exc) from None
                 sampling = self.builder.check_common(req)
+                self.dispatcher.refuse_early(sampling.max_tokens, req.n)
                 if isinstance(req, ChatCompletionRequest):
                     prompt, images = await self.builder.chat_prompt(req)
                 else:
@@ -210,9 +210,10 @@ class RouterServer:
                 self.prefill_live.start()
                 self.prefill_demand.add(len(prompt))
                 if self.prefill_live.available():  # else the engine prefills it (tier at zero)
-                    await self._hand_off(items[0], req, deadline)
+                    headers["x-maverick-prefill"] = await self._hand_off(items[0], req, deadline)
                 else:
                     self.dispatcher.metrics.prefill_handoff("self")
+                    headers["x-maverick-prefill"] = "self"
             with step("router.dispatch") as span:
                 opened = await asyncio.wait_for(
                     self.dispatcher.open(items, cost, deadline), deadline - loop.time()
@@ -241,6 +242,8 @@ class RouterServer:
             return exc.response(headers)
         except TimeoutError:
             self.dispatcher.metrics.rejection("deadline")
+            if opened is not None:
+                _log_deadline(rid, opened)
             return APIError(
                 504, f"request exceeded router.request_timeout_s={timeout}", None, "timeout"
             ).response(headers)
@@ -248,8 +251,11 @@ class RouterServer:
             if opened is not None and not handed_off:
                 await self._close(opened, None)
 
-    async def _hand_off(self, item: EngineWorkItem, req: Any, deadline: float) -> None:
-        """Prefill on the prefill tier; its KV lands in the tier for the decode replica."""
+    async def _hand_off(self, item: EngineWorkItem, req: Any, deadline: float) -> str:
+        """Prefill on the prefill tier; its KV lands in the tier for the decode replica. A prefill
+        replica that fails (killed mid-hand-off, its engine dead) costs time, not the request:
+        the decode replica then prefills the prompt itself, as with the tier at zero replicas.
+        Returns the outcome (ok | fallback), which the response's x-maverick-prefill header carries."""
         assert self.prefill is not None
         loop = asyncio.get_running_loop()
         started = time.monotonic()
@@ -258,14 +264,23 @@ class RouterServer:
                 handed = await asyncio.wait_for(
                     self.prefill.prefill(item.model_dump()), deadline - loop.time()
                 )
-            except BaseException:
+            except (TimeoutError, asyncio.CancelledError):  # the deadline, or the client left
                 self.dispatcher.metrics.prefill_handoff("error")
                 raise
+            except Exception as exc:
+                handed = {"error": {"status": 503, "message": f"prefill replica failed: {exc!r}"}}
             if "error" in handed:
-                self.dispatcher.metrics.prefill_handoff("error")
                 err = handed["error"]
-                raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
+                if int(err["status"]) < 500:  # the request itself is at fault: no retry helps
+                    self.dispatcher.metrics.prefill_handoff("error")
+                    raise APIError(err["status"], err["message"], _public_param(err.get("param"), req))
+                logger.warning(
+                    "prefill hand-off failed, the decode replica prefills: %s", err["message"][:300]
+                )
+                self.dispatcher.metrics.prefill_handoff("fallback")
+                return "fallback"
         self.dispatcher.metrics.prefill_handoff("ok", time.monotonic() - started)
+        return "ok"
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the router and prefill tiers' policies read (Serve calls this on every push)."""
@@ -365,6 +380,7 @@ class RouterServer:
                         event = merge_events(event, later)
                 except TimeoutError:
                     self.dispatcher.metrics.rejection("deadline")
+                    _log_deadline(rid, opened)
                     limit = self.config.router.request_timeout_s
                     status = 504
                     yield sse_data(APIError(504, f"request exceeded router.request_timeout_s={limit}").body())
@@ -451,6 +467,18 @@ class Answer:
             self.first_token()  # a whole answer arrives at once: its first token is its last byte
         self.metrics.answered(self.route, status, time.monotonic() - self.started)
         self.trace.end(status)
+
+
+def _log_deadline(rid: str, opened: Opened) -> None:
+    """An admitted request ran past its deadline: what admission had forecast for it (a gap
+    between the two is an under-prediction of the replica's rates)."""
+    forecast = "unmeasured" if opened.forecast_s is None else f"{opened.forecast_s:.2f} s"
+    logger.warning(
+        "request %s on %s ran past router.request_timeout_s; admitted with a forecast of %s",
+        rid,
+        opened.replica or opened.predicted or "?",
+        forecast,
+    )
 
 
 def _public_param(field: str | None, req: ChatCompletionRequest | CompletionRequest) -> str | None:
