@@ -119,7 +119,7 @@ def test_rebalance_keeps_tokens_and_lowers_imbalance(
 
 
 def test_killed_worker_mid_generation_fails_over(tiny_model: Path, reference: dict[str, list[int]]) -> None:
-    engine = load_native_engine(tiny_model, ENGINE, _experts(2))
+    engine = load_native_engine(tiny_model, ENGINE, _experts(2, replace_dead_workers=False))
     tier = engine.expert_tier
     assert tier is not None
 
@@ -131,6 +131,34 @@ def test_killed_worker_mid_generation_fails_over(tiny_model: Path, reference: di
         assert _generate(engine, _prompts(), on_step=kill_at_step) == reference
         assert tier.failovers == 1 and tier.alive == {0}
         assert all(ws == (0,) for row in tier.placement.replicas.values() for ws in row)
+    finally:
+        tier.shutdown()
+
+
+def test_a_killed_worker_is_replaced_and_gets_its_experts_back(
+    tiny_model: Path, reference: dict[str, list[int]]
+) -> None:
+    engine = load_native_engine(tiny_model, ENGINE, _experts(2))
+    tier = engine.expert_tier
+    assert tier is not None
+    home = tier.home
+    dead = tier.workers[1]
+
+    def kill_at_step(step: int) -> None:
+        if step == 4:
+            ray.kill(dead)
+
+    try:
+        assert _generate(engine, _prompts(), on_step=kill_at_step) == reference
+        assert tier.failovers == 1
+        replacement, loaded = tier._replacing.get(1) or (tier.workers[1], None)
+        if loaded is not None:
+            assert ray.get(loaded, timeout=120) > 0  # it loaded worker 1's experts
+        # The next steps switch back: worker 1 holds its experts again and serves them.
+        assert _generate(engine, _prompts()) == reference
+        assert tier.replacements == 1 and tier.alive == {0, 1} and tier.placement == home
+        assert tier.workers[1] is replacement and replacement != dead
+        assert ray.get(replacement.ping.remote())["tokens_served"] > 0
     finally:
         tier.shutdown()
 
@@ -159,7 +187,11 @@ def test_bad_placements_are_refused_at_build(tiny_model: Path) -> None:
 def test_compiled_graph_transport_same_tokens_and_failover(
     tiny_model: Path, reference: dict[str, list[int]]
 ) -> None:
-    engine = load_native_engine(tiny_model, ENGINE, _experts(2, transport={"type": "ray", "compiled": True}))
+    engine = load_native_engine(
+        tiny_model,
+        ENGINE,
+        _experts(2, transport={"type": "ray", "compiled": True}, replace_dead_workers=False),
+    )
     tier = engine.expert_tier
     assert tier is not None
 

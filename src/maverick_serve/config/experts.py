@@ -83,6 +83,12 @@ class ExpertsConfig(BaseModel):
     )
     max_retries: int = Field(3, ge=0, description="Fail-overs tried for one MoE layer call before giving up.")
     name_prefix: str = Field("maverick-experts", description="Ray actor name prefix (shared tier lookup).")
+    replace_dead_workers: bool = Field(
+        True,
+        description="Start a replacement for a dead expert worker in its placement-group bundle and "
+        "move its experts back once it has loaded them (meanwhile the survivors serve them). Ray "
+        "transports only: an NCCL process group cannot take a new rank.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ExpertsConfig:

@@ -67,10 +67,11 @@ class ExpertHooks(ABC):
     - `attach(model)` once, before the first step, on a model loaded without its routed experts:
       replaces each MoE layer's expert executor with one that reaches the expert workers.
     - `end_step()` after every model step, on the engine loop's thread: load statistics, and a
-      rebalance when the tier decides one is due (it finishes before the next step starts).
+      rebalance when the tier decides one is due, or the switch back to a replaced worker once
+      it has loaded its experts (both finish before the next step starts).
       Returns the seconds the step's MoE layers spent waiting on the expert workers (traces).
     - `stats()` the expert fields of `EngineStats` (`expert_imbalance`, `expert_tokens`,
-      `expert_rebalances_total`, `expert_failovers_total`).
+      `expert_rebalances_total`, `expert_failovers_total`, `expert_replacements_total`).
     - `shutdown()` releases workers this engine owns.
     """
 

@@ -209,3 +209,6 @@ class EngineStats(BaseModel):
     )
     expert_rebalances_total: int = Field(0, description="Placements switched by rebalancing.")
     expert_failovers_total: int = Field(0, description="Expert workers failed over.")
+    expert_replacements_total: int = Field(
+        0, description="Dead expert workers replaced, their experts moved back onto the replacement."
+    )

@@ -79,26 +79,12 @@ class ExpertTier(ExpertHooks):
         self.placement = ExpertPlacement.from_explicit(spec, cfg.ep_degree, entries)
         self.group = self._placement_group(ray)
         ray.get(self.group.ready(), timeout=120)
-        actor = ray.remote(ExpertWorker)
-        self.workers: list[Any] = []
-        for i in range(cfg.ep_degree):
-            strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
-                placement_group=self.group, placement_group_bundle_index=i
-            )
-            self.workers.append(
-                actor.options(
-                    name=f"{cfg.name_prefix}-{i}",
-                    get_if_exists=True,
-                    lifetime="detached",  # shared by every engine replica; outlives any one of them
-                    num_cpus=cfg.worker_num_cpus,
-                    num_gpus=cfg.worker_num_gpus,
-                    resources=cfg.worker_custom_resources,
-                    max_restarts=0,
-                    max_concurrency=2,  # the collective serve loop blocks one thread; load/ping use the other
-                    scheduling_strategy=strategy,
-                ).remote(str(model_dir), i, dtype, cfg.worker_device, cfg.worker_threads)
-            )
+        self._worker_args = (str(model_dir), dtype)
+        self.workers: list[Any] = [self._spawn(i) for i in range(cfg.ep_degree)]
         self.alive = set(range(cfg.ep_degree))
+        self.home = self.placement  # where experts go back to once dead workers are replaced
+        self._replacing: dict[int, tuple[Any, Any]] = {}  # worker → (replacement, its load() ref)
+        self.replacements = 0
         ray.get([w.load.remote(self.placement.assignments(i)) for i, w in enumerate(self.workers)])
         self.transport: ExpertTransport
         self._serving: list[Any] = []
@@ -114,6 +100,32 @@ class ExpertTier(ExpertHooks):
         self.steps = 0
         self.rebalances = 0
         self.failovers = 0
+
+    def _spawn(self, i: int) -> Any:
+        """Worker `i` in bundle `i` of the tier's placement group: the one every engine replica
+        sharing the tier finds by name (`get_if_exists`: the first to ask creates it)."""
+        import ray
+
+        cfg = self.cfg
+        strategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=i
+        )
+        model_dir, dtype = self._worker_args
+        return (
+            ray.remote(ExpertWorker)
+            .options(
+                name=f"{cfg.name_prefix}-{i}",
+                get_if_exists=True,
+                lifetime="detached",  # shared by every engine replica; outlives any one of them
+                num_cpus=cfg.worker_num_cpus,
+                num_gpus=cfg.worker_num_gpus,
+                resources=cfg.worker_custom_resources,
+                max_restarts=0,  # a restarted actor would come back without its experts: replaced instead
+                max_concurrency=2,  # the collective serve loop blocks one thread; load/ping use the other
+                scheduling_strategy=strategy,
+            )
+            .remote(model_dir, i, dtype, cfg.worker_device, cfg.worker_threads)
+        )
 
     def _start_collective(self, tcfg: NcclTransportConfig, spec: ModelSpec) -> ExpertTransport:
         """Engine = rank 0, worker w = rank w + 1; workers block in their serve loop (a threaded
@@ -203,11 +215,40 @@ class ExpertTier(ExpertHooks):
         self.failovers += 1
         with contextlib.suppress(Exception):  # already gone
             ray.kill(self.workers[dead])
+        if self.cfg.replace_dead_workers and not isinstance(self.transport, CollectiveTransport):
+            # Started now, loaded in the background; the step loop switches to it once loaded.
+            replacement = self._spawn(dead)
+            self._replacing[dead] = (replacement, replacement.load.remote(self.home.assignments(dead)))
+
+    def _finish_replacements(self) -> None:
+        """Between steps: a replacement that has loaded its experts takes its index back, and the
+        experts move back to where they were before the failure."""
+        import ray
+
+        refs = [ref for _, ref in self._replacing.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for worker, (replacement, ref) in list(self._replacing.items()):
+            if ref not in ready:
+                continue
+            del self._replacing[worker]
+            try:
+                ray.get(ref)
+            except Exception as exc:  # it died too, or could not load: stay failed over
+                logger.warning("replacement of expert worker %d failed: %r", worker, exc)
+                continue
+            self.workers[worker] = replacement
+            self.alive.add(worker)
+            self.transport.add_worker(worker)
+            self._switch(self.home)
+            self.replacements += 1
+            logger.warning("expert worker %d replaced; its experts are back on it", worker)
 
     def end_step(self) -> float:
         dispatch_s, self._step_dispatch_s = self._step_dispatch_s, 0.0
         self.tracker.end_step()
         self.steps += 1
+        if self._replacing:
+            self._finish_replacements()
         rb = self.cfg.rebalance
         if rb.enabled and self.steps % rb.interval_steps == 0 and self.imbalance() > rb.imbalance_threshold:
             self.rebalance()
@@ -249,6 +290,7 @@ class ExpertTier(ExpertHooks):
             "expert_tokens": self.tracker.loads(),
             "expert_rebalances_total": self.rebalances,
             "expert_failovers_total": self.failovers,
+            "expert_replacements_total": self.replacements,
         }
 
     def shutdown(self) -> None:

@@ -64,6 +64,9 @@ class ExpertTransport(ABC):
     def drop_worker(self, worker: int) -> None:  # noqa: B027 - optional hook, no-op by default
         """Forget a dead worker (called on failover, before the new placement is set)."""
 
+    def add_worker(self, worker: int) -> None:  # noqa: B027 - optional hook, no-op by default
+        """A replacement took a dead worker's index (called before the placement that uses it)."""
+
 
 def route_rows(placement: ExpertPlacement, layer: int, expert_ids: np.ndarray) -> np.ndarray:
     """Worker of each row: an expert with r replicas spreads its rows round-robin over them."""
@@ -172,6 +175,11 @@ class RayCompiledTransport(RayActorTransport):
         if worker in self.live:
             self.live.remove(worker)
         self.close()
+
+    def add_worker(self, worker: int) -> None:
+        if worker not in self.live:
+            self.live = sorted([*self.live, worker])
+        self.close()  # the graph binds its actors: compile it again with the new one
 
     def close(self) -> None:
         if self._graph is not None:
