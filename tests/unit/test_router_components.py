@@ -472,11 +472,11 @@ def test_merged_engine_events_keep_every_token_and_the_last_end_state() -> None:
 
 
 def test_engine_rates_for_admission_come_from_step_times() -> None:
-    from maverick_serve.engine.step_rates import measured_rates
+    from maverick_serve.engine.step_rates import StepRecord, measured_rates
 
     # (end time, prompt tokens, generated tokens, step seconds, finished) per step
-    prefills = [(10.0 + 0.1 * i, 300, 2, 0.05, 0) for i in range(10)]
-    decodes = [(11.0 + 0.1 * i, 0, 16, 0.02, i % 2) for i in range(20)]
+    prefills = [StepRecord(10.0 + 0.1 * i, 300, 2, 0.05, 0) for i in range(10)]
+    decodes = [StepRecord(11.0 + 0.1 * i, 0, 16, 0.02, i % 2) for i in range(20)]
     rates = measured_rates(tuple(prefills + decodes))
     assert rates["prefill_tokens_per_s"] == pytest.approx(300 / 0.05)  # of the steps that prefilled
     assert rates["step_s"] == pytest.approx((0.5 + 0.4) / 30)
@@ -484,19 +484,31 @@ def test_engine_rates_for_admission_come_from_step_times() -> None:
     assert measured_rates(tuple(decodes[:5]))["step_s"] == 0.0  # 0.1 s of steps: not yet measured
 
 
+def test_the_finish_rate_of_a_burst_comes_from_seat_times_not_from_finishes_counted() -> None:
+    from maverick_serve.engine.step_rates import StepRecord, finish_rate
+
+    # 40 seats busy for 9 s, then the first 8 requests finish, each after 8 s in its seat: by
+    # Little's law 40 / 8 s = 5/s drain, where counting finishes in the window says 8 / 10 s.
+    steps = [StepRecord(0.1 * i, 0, 40, 0.1, 0, 40) for i in range(90)]
+    steps += [StepRecord(9.0 + 0.1 * i, 0, 40, 0.1, 1, 40, 8.0) for i in range(8)]
+    assert finish_rate(steps, sum(r.busy_s for r in steps)) == pytest.approx(5.0)
+    # Without seat times (an engine that does not record them): finishes over busy time.
+    assert finish_rate([StepRecord(0.0, 0, 4, 0.5, 2)], 0.5) == pytest.approx(4.0)
+
+
 def test_the_step_time_model_extrapolates_to_the_batch_a_burst_builds() -> None:
-    from maverick_serve.engine.step_rates import measured_rates, step_model
+    from maverick_serve.engine.step_rates import StepRecord, measured_rates, step_model
 
     # Steps of 4..12 sequences at 5 ms + 1 ms each, plus prefilling steps 10 µs per prompt token.
-    decodes = [(float(i), 0, 4 + i % 9, 0.005 + 0.001 * (4 + i % 9), 0) for i in range(90)]
-    prefills = [(100.0 + i, 200, 6, 0.005 + 0.006 + 200 * 1e-5, 0) for i in range(10)]
+    decodes = [StepRecord(float(i), 0, 4 + i % 9, 0.005 + 0.001 * (4 + i % 9), 0) for i in range(90)]
+    prefills = [StepRecord(100.0 + i, 200, 6, 0.005 + 0.006 + 200 * 1e-5, 0) for i in range(10)]
     base, per_seq = step_model(decodes + prefills)
     # The base carries the mean step's prompt work: 200 tokens in one step of ten, 10 µs each.
     assert base == pytest.approx(0.005 + 20 * 1e-5, rel=1e-6) and per_seq == pytest.approx(0.001, rel=1e-6)
     # One batch size only: the slope is not identifiable, so step time is proportional to the batch.
-    flat = [(float(i), 0, 8, 0.016, 0) for i in range(50)]
+    flat = [StepRecord(float(i), 0, 8, 0.016, 0) for i in range(50)]
     assert step_model(flat) == (0.0, pytest.approx(0.002))
-    assert step_model([(0.0, 300, 0, 0.05, 0)]) == (0.0, 0.0)  # nothing decoded: no model
+    assert step_model([StepRecord(0.0, 300, 0, 0.05, 0)]) == (0.0, 0.0)  # nothing decoded: no model
     assert measured_rates(decodes)["batch_p90"] == 12  # batches 4..12, ten steps each
 
 

@@ -213,6 +213,7 @@ class NativeEngine(Engine):
                 t.steps.append((started, ended, dispatch_s))
         row = 0
         prefill_tokens = generated = finished = 0
+        seat_s = 0.0  # seconds the requests finishing in this step held their seats
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
@@ -231,14 +232,17 @@ class NativeEngine(Engine):
             row += 1
             generated += 1
             out = self._append_token(seq, token, logprob)
-            finished += out.finished
+            if out.finished:
+                finished += 1
+                if seq.timing.first_scheduled is not None:
+                    seat_s += ended - seq.timing.first_scheduled
             outputs.append(out)
         # Busy time includes the engine loop's work between back-to-back steps (emitting outputs,
         # taking requests in): a queue drains at that pace, not at the forward passes' alone.
         gap = started - self._last_step_end
         busy_s = ended - started + (gap if 0 <= gap < _IDLE_GAP_S else 0.0)
         self._last_step_end = time.monotonic()
-        self._record_rate(prefill_tokens, generated, busy_s, finished)
+        self._record_rate(StepRecord(ended, prefill_tokens, generated, busy_s, finished, len(chunks), seat_s))
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
@@ -302,10 +306,9 @@ class NativeEngine(Engine):
         seq.image_features = None
         self.seqs.pop(seq.request_id, None)
 
-    def _record_rate(self, prefill: int, decode: int, busy_s: float, finished: int) -> None:
-        now = time.monotonic()
-        self._rates.append((now, prefill, decode, busy_s, finished))
-        while self._rates and now - self._rates[0][0] > _RATE_WINDOW_S:
+    def _record_rate(self, record: StepRecord) -> None:
+        self._rates.append(record)
+        while self._rates and record.end - self._rates[0].end > _RATE_WINDOW_S:
             self._rates.popleft()
 
     # ---- introspection --------------------------------------------------------------------
