@@ -161,6 +161,24 @@ def wait_replicas(app: str, deployment: str, count: int, timeout_s: float = 180)
     raise AssertionError(f"{deployment} did not get back to {count} running replicas in {timeout_s} s")
 
 
+def run_fault(
+    load: Load,
+    prompts: list[str],
+    seconds: float,
+    name: str,
+    inject: Callable[[], None],
+    heal: Callable[[], None],
+    table: dict[str, Counter[str]],
+) -> Counter[str]:
+    """The load through one fault, then `heal` (back to the fault-free shape for the next one);
+    the counts join `table`, which is printed."""
+    counts = asyncio.run(load.run(prompts, seconds, inject))
+    heal()
+    table[name] = counts
+    print_table(table)
+    return counts
+
+
 def print_table(table: dict[str, Counter[str]]) -> None:
     print(f"\n{'fault':<40}" + "".join(f"{k:>{len(k) + 2}}" for k in KINDS))
     for name, c in table.items():

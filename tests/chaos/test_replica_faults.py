@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from chaos_load import Load, assert_bounds, print_table, replica_actors, wait_replicas
+from chaos_load import Load, assert_bounds, replica_actors, run_fault, wait_replicas
 
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.kvtier.redis_process import RedisProcess
@@ -119,8 +119,5 @@ TABLE: dict[str, Counter[str]] = {}
 def test_a_killed_replica_loses_no_request_and_hangs_none(cluster: Cluster, fault: str) -> None:
     spec = FAULTS[fault]
     cluster.load.served_by.clear()
-    counts = asyncio.run(cluster.load.run(PROMPTS, LOAD_S, lambda: spec.inject(cluster)))
-    spec.heal()
-    TABLE[fault] = counts
-    print_table(TABLE)
+    counts = run_fault(cluster.load, PROMPTS, LOAD_S, fault, lambda: spec.inject(cluster), spec.heal, TABLE)
     assert_bounds(counts, CLIENTS, spec.broken_end)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from chaos_load import Load, assert_bounds, print_table, replica_actors, wait_replicas
+from chaos_load import Load, assert_bounds, replica_actors, run_fault, wait_replicas
 from ray import serve
 
 from maverick_serve.config.cluster import ClusterConfig
@@ -143,10 +143,7 @@ TABLE: dict[str, Counter[str]] = {}
 def test_a_tier_fault_loses_no_request_and_breaks_none(cluster: Cluster, fault: str) -> None:
     spec = FAULTS[fault]
     cluster.load.prefill.clear()
-    counts = asyncio.run(cluster.load.run(PROMPTS, LOAD_S, lambda: spec.inject(cluster)))
-    spec.heal()
-    TABLE[fault] = counts
-    print_table(TABLE)
+    counts = run_fault(cluster.load, PROMPTS, LOAD_S, fault, lambda: spec.inject(cluster), spec.heal, TABLE)
     print(f"prefill hand-offs: {dict(cluster.load.prefill)}")
     assert_bounds(counts, len(PROMPTS), None)
     spec.check(cluster)
