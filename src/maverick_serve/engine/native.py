@@ -107,8 +107,7 @@ class NativeEngine(Engine):
         self._generated_total = 0
         self._steps = 0
         self._last_step_end = 0.0
-        # (end time, prompt tokens, generated tokens, step seconds, requests finished) per step
-        self._rates: deque[StepRecord] = deque()
+        self._rates: deque[StepRecord] = deque()  # the steps of the last _RATE_WINDOW_S
         self._seeds = torch.Generator().manual_seed(config.seed)
 
     @classmethod
@@ -331,9 +330,9 @@ class NativeEngine(Engine):
 
     def stats(self) -> EngineStats:
         rates = tuple(self._rates)
-        span = (rates[-1][0] - rates[0][0]) if len(rates) > 1 else 0.0
-        prefill = sum(r[1] for r in rates)
-        decode = sum(r[2] for r in rates)
+        span = (rates[-1].end - rates[0].end) if len(rates) > 1 else 0.0
+        prefill = sum(r.prompt_tokens for r in rates)
+        decode = sum(r.generated for r in rates)
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),

@@ -49,12 +49,12 @@ def step_model(rates: Sequence[StepRecord]) -> tuple[float, float]:
     for its prompt, not for its batch). The base includes the prompt work of the window's mean
     step: under a sustained load every step also prefills some arrivals, and that slows the
     decode of every request in the batch. Both are ≥ 0; (0, 0) without decoding steps."""
-    decoding = [r for r in rates if r[2] > 0]
+    decoding = [r for r in rates if r.generated > 0]
     if not decoding:
         return 0.0, 0.0
-    batch = np.array([r[2] for r in decoding], dtype=np.float64)
-    prompt = np.array([r[1] for r in decoding], dtype=np.float64)
-    busy = np.array([r[3] for r in decoding], dtype=np.float64)
+    batch = np.array([r.generated for r in decoding], dtype=np.float64)
+    prompt = np.array([r.prompt_tokens for r in decoding], dtype=np.float64)
+    busy = np.array([r.busy_s for r in decoding], dtype=np.float64)
     mean_prompt = float(prompt.mean())
     if batch.max() >= MIN_BATCH_SPAN * batch.min():
         design = np.column_stack([np.ones_like(batch), batch, prompt])
@@ -90,14 +90,14 @@ def measured_rates(rates: Sequence[StepRecord]) -> dict[str, float]:
     time, requests finished per second of step time (not wall time: idle gaps in the window would
     make a busy queue look slow to drain), the step-time model and the 90th percentile of the
     batch (sequences per step)."""
-    busy = sum(r[3] for r in rates)
+    busy = sum(r.busy_s for r in rates)
     if busy < MIN_BUSY_S:
         return dict(UNMEASURED)
-    prefill_s = sum(r[3] for r in rates if r[1])
+    prefill_s = sum(r.busy_s for r in rates if r.prompt_tokens)
     base, per_seq = step_model(rates)
-    batches = sorted(r[2] for r in rates)
+    batches = sorted(r.generated for r in rates)
     return {
-        "prefill_tokens_per_s": sum(r[1] for r in rates) / prefill_s if prefill_s else 0.0,
+        "prefill_tokens_per_s": sum(r.prompt_tokens for r in rates) / prefill_s if prefill_s else 0.0,
         "step_s": busy / len(rates),
         "finished_per_s": finish_rate(rates, busy),
         "step_base_s": base,
