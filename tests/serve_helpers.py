@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,12 @@ def serve_app(
     deployed as a Serve config through the dashboard there (as `maverick-serve up` and KubeRay
     do), which carries the app-level autoscaling policy."""
     dashboard = dashboard_port
+    port = free_port()
+    # Serve reads its data-plane switches from each process's environment: set before Ray starts,
+    # and put back afterwards (a later driver subprocess with sync handles needs Serve's defaults).
+    serve_env = cfg.serve_runtime.environment(port)
+    saved = {k: os.environ.get(k) for k in serve_env}
+    os.environ.update(serve_env)
     ray.init(
         num_cpus=8,
         resources=resources,
@@ -35,9 +42,9 @@ def serve_app(
         logging_level="ERROR",
         log_to_driver=False,
     )
-    port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        proxy = cfg.serve_runtime.proxy_port(port, free_port())
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy})
         if dashboard is not None:
             cfg = cfg.model_copy(
                 update={"app_name": name, "http": cfg.http.model_copy(update={"port": port})}
@@ -50,3 +57,8 @@ def serve_app(
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -83,8 +83,15 @@ def deployed(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
 
     # The example sets ray.tokenAuth: false; Ray 2.60's `ray start` would turn token auth on.
     assert "authOptions" not in svc["spec"]["rayClusterConfig"]
+    # Serve's data-plane switches as the pods get them (RAY_SERVE_* literals of the head's env).
+    head = svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    serve_env = {
+        e["name"]: e["value"] for e in head["env"] if e["name"].startswith("RAY_SERVE_") and "value" in e
+    }
+    assert serve_env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
     env = {
         **os.environ,
+        **serve_env,
         "MAVERICK_REDIS_PASSWORD": PASSWORD,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",

@@ -21,6 +21,7 @@ from chart_helpers import EXAMPLES, NAMESPACE, RELEASE, ROOT, helm_template, ren
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.helm_values import HelmValues
 from maverick_serve.config.observability import TracingConfig
+from maverick_serve.config.serve_runtime import ServeRuntimeConfig
 from maverick_serve.kube.chart import CHART_DIR
 from maverick_serve.kube.check import check_values
 from maverick_serve.kube.values_docs import schema_text, values_table
@@ -308,6 +309,33 @@ def test_tracing_env_on_every_ray_container_matches_the_config(helm: str, tmp_pa
             assert {k: _num(v) for k, v in got.items()} == {k: _num(v) for k, v in want.items()}, c["name"]
     plain = render_docs(helm, ROOT / "helm/maverick-serve/examples/tiny-cpu.yaml")
     assert "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH" not in json.dumps(plain)
+
+
+@pytest.mark.parametrize(
+    "serve_runtime",
+    [
+        {},
+        {"ingress": "direct", "throughput_optimized": False},
+        {"ingress": "haproxy", "direct_ingress_draining_s": 7.5},
+    ],
+)
+def test_serve_runtime_env_on_every_ray_container_matches_the_config(
+    helm: str, tmp_path: Path, serve_runtime: dict[str, Any]
+) -> None:
+    """Serve's data-plane switches reach every Ray process as `maverick-serve up` sets them."""
+    values = tmp_path / "serve-runtime.yaml"
+    values.write_text(yaml.safe_dump({"cluster": {"serve_runtime": serve_runtime}}))
+    docs = render_docs(helm, ROOT / "helm/maverick-serve/examples/tiny-cpu.yaml", values)
+    (svc,) = [d for d in docs if d["kind"] == "RayService"]
+    port = yaml.safe_load(svc["spec"]["serveConfigV2"])["http_options"]["port"]
+    want = ServeRuntimeConfig.model_validate(serve_runtime).environment(port)
+    assert want["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == ("0" if not serve_runtime else "1")
+    spec = svc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert {k: env.get(k) for k in want} == want, c["name"]
 
 
 def _num(v: str | None) -> object:

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from maverick_serve.bench.commands import add_bench_parsers
-from maverick_serve.bench.peers_bench import PeerResult, Workload, client_command, format_table
+from maverick_serve.bench.peers_bench import (
+    PeerResult,
+    Workload,
+    client_command,
+    format_table,
+    serve_runtime,
+    stack_config,
+)
+from maverick_serve.config.cluster import ClusterConfig
 
 
 def _round(tps: float, p99: float) -> dict[str, float]:
@@ -70,3 +78,21 @@ def test_parser_defaults() -> None:
     args = parser.parse_args(["bench", "peers"])
     assert args.peers == ["vllm-serve", "ray-serve-llm", "native", "vllm-backend"]
     assert (args.input_len, args.output_len, args.num_prompts, args.concurrency) == (256, 64, 64, 16)
+    assert args.serve_runtime == ("proxy",)
+
+
+def test_serve_runtime_variants_become_config_sections(tmp_path: Path) -> None:
+    assert serve_runtime("proxy") == {"ingress": "proxy", "throughput_optimized": True}
+    assert serve_runtime("direct/plain") == {"ingress": "direct", "throughput_optimized": False}
+    cfg = stack_config(tmp_path, "native", Workload(), "haproxy")
+    ClusterConfig.model_validate(cfg)  # the row's config is a valid cluster
+    assert cfg["serve_runtime"]["ingress"] == "haproxy"
+
+
+@pytest.mark.parametrize("bad", ["nginx", "proxy/fast"])
+def test_unknown_serve_runtime_is_a_cli_error(capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    from maverick_serve.cli import main
+
+    assert main(["bench", "peers", "--serve-runtime", f"proxy,{bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--serve-runtime: serve runtime {bad!r}" in err and "proxy|direct|haproxy" in err

@@ -237,6 +237,31 @@ applications:
       name: {{ include "maverick.redisSecretName" . }}
       key: {{ include "maverick.redisSecretKey" . }}
 {{- end }}
+{{- /* Serve's data plane, read by each Ray process at start (ServeRuntimeConfig.environment). */}}
+{{- $sr := (default dict (default dict .Values.cluster).serve_runtime) }}
+{{- $ingress := default "proxy" $sr.ingress }}
+{{- $fast := ne (toString $sr.throughput_optimized) "false" }}
+{{- $direct := ne $ingress "proxy" }}
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "0"
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: {{ $fast | ternary "0" "1" | quote }}
+- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+  value: {{ $fast | ternary "0" "1" | quote }}
+- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
+  value: {{ $fast | ternary "1" "0" | quote }}
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: {{ $direct | ternary "1" "0" | quote }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: {{ eq $ingress "haproxy" | ternary "1" "0" | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
+  value: {{ eq $ingress "direct" | ternary .Values.service.port 30000 | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+  value: {{ eq $ingress "direct" | ternary (add1 .Values.service.port) 31000 | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+  value: {{ kindIs "invalid" $sr.direct_ingress_draining_s | ternary 2.0 $sr.direct_ingress_draining_s | float64 | quote }}
+- name: RAY_SERVE_PORT_QUARANTINE_S
+  value: {{ eq $ingress "direct" | ternary "0" "150" | quote }}
 {{- /* Traces: Serve reads its switch from each process's environment (TracingConfig.environment). */}}
 {{- $t := (default dict (default dict .Values.cluster.observability).tracing) }}
 {{- if $t.enabled }}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -239,6 +240,7 @@ def run_variant(
     dash, port = free_port(), free_port()
     base = base.model_copy(update={"http": base.http.model_copy(update={"port": port})})
     cfg, body = variant_config(base, variant, lo, hi)
+    os.environ.update(cfg.serve_runtime.environment(port))  # read by every Ray process at start
     ray.init(
         num_cpus=8,
         resources={"fake_gpu": hi},

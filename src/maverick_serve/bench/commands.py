@@ -276,12 +276,24 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_peers(args: argparse.Namespace) -> int:
-    from maverick_serve.bench.peers_bench import PEERS, Workload, format_table, results_json, run_bench
+    from maverick_serve.bench.peers_bench import (
+        PEERS,
+        Workload,
+        format_table,
+        results_json,
+        run_bench,
+        serve_runtime,
+    )
     from maverick_serve.bench.vllm_cpu import VLLM_UNAVAILABLE_MESSAGE, find_vllm_python
 
     unknown = [p for p in args.peers if p not in PEERS]
     if unknown:
         raise CLIError(f"--peers: unknown {', '.join(unknown)} (choose from {', '.join(PEERS)})")
+    for variant in args.serve_runtime:
+        try:
+            serve_runtime(variant)
+        except ValueError as exc:
+            raise CLIError(f"--serve-runtime: {exc}") from None
     python = find_vllm_python(args.vllm_python)
     if python is None:  # the client itself is vLLM's
         raise CLIError(
@@ -294,6 +306,7 @@ def cmd_bench_peers(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts,
         concurrency=args.concurrency,
         rounds=args.rounds,
+        serve_runtimes=args.serve_runtime,
     )
     threads = default_engine_threads(1)  # what `up` gives its one engine replica
     try:
@@ -457,6 +470,13 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     bp.add_argument("--rounds", type=positive, default=3, help="measured client runs per server (medians)")
     bp.add_argument("--vllm-python", type=Path, default=None, help="python of the vllm-cpu venv")
     bp.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    bp.add_argument(
+        "--serve-runtime",
+        type=lambda s: tuple(p for p in s.split(",") if p),
+        default=("proxy",),
+        help="comma-separated serve_runtime of our stack, one row each: proxy, direct or haproxy "
+        "(serve_runtime.ingress), with /plain for throughput_optimized: false (e.g. proxy/plain,proxy)",
+    )
     bp.set_defaults(func=cmd_bench_peers)
 
     br = bench.add_parser(

@@ -7,6 +7,8 @@ run, then `rounds` measured runs, reported as medians. Peers:
 - `ray-serve-llm`: Ray Serve LLM, where `ray.serve.llm` imports in that venv (else the row says why);
 - `native`: `maverick-serve up` on the native engine;
 - `vllm-backend`: `maverick-serve up` with `engine.backend: vllm` (run with the vllm venv's python).
+Our two rows come once per `serve_runtimes` variant (Serve's ingress and replica path); the targets
+are checked on the first.
 Then the native engine alone, in this process, on the same workload (token-id prompts of the
 same length, the same concurrency), so what the serving path costs is visible: stack / engine.
 """
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,8 @@ class Workload:
     rounds: int = 3
     max_model_len: int = 4096
     seed: int = 0
+    # Our stack's serve_runtime per row: "INGRESS" or "INGRESS/plain" (throughput_optimized off).
+    serve_runtimes: tuple[str, ...] = ("proxy",)
 
 
 @dataclass
@@ -82,7 +87,8 @@ def run_client(cmd: list[str], timeout_s: float = 900.0) -> dict[str, Any]:
 
 
 def measure(vllm_python: Path, base_url: str, tokenizer: Path, w: Workload) -> list[dict[str, Any]]:
-    run_client(client_command(vllm_python, base_url, tokenizer, w, w.concurrency))  # warm-up
+    # A whole round as warm-up: after a shorter one every server's first round still ran ~25 % slow.
+    run_client(client_command(vllm_python, base_url, tokenizer, w, w.num_prompts))
     return [
         run_client(client_command(vllm_python, base_url, tokenizer, w, w.num_prompts))
         for _ in range(w.rounds)
@@ -103,7 +109,15 @@ def vllm_serve(vllm_python: Path, model: Path, w: Workload, workdir: Path) -> It
         yield url
 
 
-def stack_config(model: Path, backend: str, w: Workload) -> dict[str, Any]:
+def serve_runtime(variant: str) -> dict[str, Any]:
+    """`proxy`, `direct/plain`, ... as a serve_runtime section."""
+    ingress, _, flavour = variant.partition("/")
+    if ingress not in ("proxy", "direct", "haproxy") or flavour not in ("", "plain"):
+        raise ValueError(f"serve runtime {variant!r}: want proxy|direct|haproxy, optionally /plain")
+    return {"ingress": ingress, "throughput_optimized": flavour != "plain"}
+
+
+def stack_config(model: Path, backend: str, w: Workload, variant: str = "proxy") -> dict[str, Any]:
     engine: dict[str, Any] = {"backend": backend, "max_model_len": w.max_model_len, "kv_cache_memory_gib": 1}
     if backend == "vllm":
         engine["block_size"] = 32
@@ -111,12 +125,15 @@ def stack_config(model: Path, backend: str, w: Workload) -> dict[str, Any]:
         "model": {"path": str(model), "served_model_name": MODEL_NAME},
         "engine": engine,
         "kvtier": {"enabled": False},
+        "serve_runtime": serve_runtime(variant),
     }
 
 
 @contextmanager
-def our_stack(model: Path, backend: str, w: Workload, workdir: Path, python: Path | None) -> Iterator[str]:
-    with run_up(stack_config(model, backend, w), workdir, ready_timeout_s=600, python=python) as up:
+def our_stack(
+    model: Path, backend: str, w: Workload, workdir: Path, python: Path | None, variant: str
+) -> Iterator[str]:
+    with run_up(stack_config(model, backend, w, variant), workdir, ready_timeout_s=600, python=python) as up:
         yield up.api_url
 
 
@@ -198,7 +215,7 @@ def format_table(results: list[PeerResult], alone: list[float] | None, threads: 
     lines = [
         f"workload: vllm bench serve --dataset-name random --random-input-len {w.input_len} "
         f"--random-output-len {w.output_len} --num-prompts {w.num_prompts} --max-concurrency "
-        f"{w.concurrency} --ignore-eos; medians of {w.rounds} rounds after a warm-up",
+        f"{w.concurrency} --ignore-eos; medians of {w.rounds} rounds after a warm-up round",
         head,
         "-" * len(head),
     ]
@@ -260,14 +277,15 @@ def run_bench(
                     )
                 )
                 continue
-            elif peer == "native":
-                (work / "native").mkdir()
-                server = lambda: our_stack(twin, "native", w, work / "native", None)  # noqa: E731
-                label = "maverick-serve up (native engine)"
             else:
-                (work / "vllm-backend").mkdir()
-                server = lambda: our_stack(twin, "vllm", w, work / "vllm-backend", vllm_python)  # noqa: E731
-                label = "maverick-serve up (vLLM backend)"
+                backend, python = ("native", None) if peer == "native" else ("vllm", vllm_python)
+                for variant in w.serve_runtimes:
+                    folder = work / f"{peer}-{variant.replace('/', '-')}"
+                    folder.mkdir()
+                    server = partial(our_stack, twin, backend, w, folder, python, variant)
+                    label = f"ours, {'native' if peer == 'native' else 'vLLM backend'}, {variant}"
+                    results.append(run_peer(peer, server, label, vllm_python, twin, w))
+                continue
             results.append(run_peer(peer, server, label, vllm_python, twin, w))
     alone = None
     if "native" in peers:

@@ -16,6 +16,7 @@ from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.observability import ObservabilityConfig
 from maverick_serve.config.routing import AuthConfig, RoutingConfig
+from maverick_serve.config.serve_runtime import ServeRuntimeConfig
 
 
 class ModelSourceConfig(BaseModel):
@@ -172,6 +173,11 @@ class ClusterConfig(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP ingress limits and policy.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Replicas and resources.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP proxy and dashboard.")
+    serve_runtime: ServeRuntimeConfig = Field(
+        default_factory=ServeRuntimeConfig,
+        description="Serve's ingress (proxy, direct, haproxy) and replica-to-replica path; set in every "
+        "Ray process's environment, so a change needs a new Ray cluster.",
+    )
     observability: ObservabilityConfig = Field(
         default_factory=ObservabilityConfig, description="Metrics and logging."
     )
@@ -215,6 +221,15 @@ class ClusterConfig(BaseModel):
                 raise ValueError(
                     f"autoscaling.gpu_budget={a.gpu_budget:g} {a.budget_resource} cannot hold the tiers' "
                     f"min_replicas ({parts} = {floor:g}); raise it or lower autoscaling.*.min_replicas"
+                )
+        if self.serve_runtime.ingress == "direct":
+            routers = self.autoscaling.router.max_replicas if a.enabled else self.resources.router.replicas
+            if routers > 1:
+                field = "autoscaling.router.max_replicas" if a.enabled else "resources.router.replicas"
+                raise ValueError(
+                    f"serve_runtime.ingress: direct serves HTTP from the router replica on http.port, "
+                    f"and only one router per node can have that port; {field} is {routers}: set it "
+                    "to 1, or use ingress: haproxy (balances across routers) or proxy"
                 )
         if self.router.max_images_per_request > self.engine.max_images_per_request:
             raise ValueError(

@@ -1,13 +1,17 @@
 """Engine-replica side of the replica state: a thread that reports load and cache events.
 
-Contract of `StateChannel`: `publish(report)` delivers one report to the hub and returns its
-answer (`epoch`, `need_reset`); `poll(epoch, cursor)` returns the hub's view for a router. Both
-raise on a transport failure; callers retry on their next tick (state is soft: a lost report is
-replaced by the next one, a lost event stream by a snapshot).
+Contract of `StateChannel` (all coroutines): `publish(report)` delivers one report to the hub and
+returns its answer (`epoch`, `need_reset`); `poll(epoch, cursor)` returns the hub's view for a
+router; `leave(replica)` drops a draining replica. They raise on a transport failure; callers
+retry on their next tick (state is soft: a lost report is replaced by the next one, a lost event
+stream by a snapshot). The publisher awaits them on its own thread's event loop: a Serve handle
+whose router runs on the replica's loop (`serve_runtime.throughput_optimized`) can only be used
+from inside a running loop, and a blocking wait on the replica's own loop would stall it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -28,13 +32,13 @@ EVENTS_MAXLEN = 200_000
 
 class StateChannel(ABC):
     @abstractmethod
-    def publish(self, report: dict[str, Any]) -> dict[str, Any]: ...
+    async def publish(self, report: dict[str, Any]) -> dict[str, Any]: ...
 
     @abstractmethod
     async def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]: ...
 
     @abstractmethod
-    def leave(self, replica: str) -> None: ...
+    async def leave(self, replica: str) -> None: ...
 
 
 class LocalStateChannel(StateChannel):
@@ -44,7 +48,7 @@ class LocalStateChannel(StateChannel):
         self.hub = hub
         self.lock = threading.Lock()  # publishers run on their own threads
 
-    def publish(self, report: dict[str, Any]) -> dict[str, Any]:
+    async def publish(self, report: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             return self.hub.publish(report)
 
@@ -52,7 +56,7 @@ class LocalStateChannel(StateChannel):
         with self.lock:
             return self.hub.poll(epoch, cursor)
 
-    def leave(self, replica: str) -> None:
+    async def leave(self, replica: str) -> None:
         with self.lock:
             self.hub.leave(replica)
 
@@ -64,16 +68,16 @@ class HandleStateChannel(StateChannel):
         self.handle = handle
         self.timeout_s = timeout_s
 
-    def publish(self, report: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.handle.publish.remote(report).result(timeout_s=self.timeout_s)
+    async def publish(self, report: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await asyncio.wait_for(self.handle.publish.remote(report), self.timeout_s)
         return result
 
     async def poll(self, epoch: str | None, cursor: int) -> dict[str, Any]:
         result: dict[str, Any] = await self.handle.poll.remote(epoch, cursor)
         return result
 
-    def leave(self, replica: str) -> None:
-        self.handle.leave.remote(replica).result(timeout_s=self.timeout_s)
+    async def leave(self, replica: str) -> None:
+        await asyncio.wait_for(self.handle.leave.remote(replica), self.timeout_s)
 
 
 class StatePublisher:
@@ -141,9 +145,9 @@ class StatePublisher:
             "tier_shared": self.tier_shared,
         }
 
-    def publish_once(self) -> None:
+    async def publish_once(self) -> None:
         report = self.report()
-        answer = self.channel.publish(report)
+        answer = await self.channel.publish(report)
         if report["reset"]:
             self.need_reset = False
         epoch = answer.get("epoch")
@@ -152,10 +156,16 @@ class StatePublisher:
         self.hub_epoch = epoch
 
     def _run(self) -> None:
+        asyncio.run(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
         failures = 0
-        while not self.stop.wait(self.interval_s):
+        while not self.stop.is_set():
+            await asyncio.sleep(self.interval_s)
+            if self.stop.is_set():
+                break
             try:
-                self.publish_once()
+                await self.publish_once()
                 failures = 0
             except Exception as exc:  # the hub restarting must not stop the engine
                 self.need_reset = True
@@ -164,7 +174,7 @@ class StatePublisher:
                     logger.warning("replica state publish failed (%d in a row): %r", failures, exc)
         if self.leaving:
             try:
-                self.channel.leave(self.replica)
+                await self.channel.leave(self.replica)
             except Exception as exc:
                 logger.warning("could not leave the replica state hub: %r", exc)
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.net import free_port
 from maverick_serve.serving.model_store import ensure_model
 
 
@@ -114,6 +115,7 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
     # so the proxy and every replica inherit it.
     tracing = config.observability.tracing.resolve()
     os.environ.update(tracing.environment())
+    os.environ.update(config.serve_runtime.environment(http.port))
     ray.init(
         num_cpus=http.logical_cpus,
         include_dashboard=True,
@@ -132,7 +134,7 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         serve.start(
-            http_options={"host": http.host, "port": http.port},
+            http_options={"host": http.host, "port": config.serve_runtime.proxy_port(http.port, free_port())},
             logging_config={"enable_access_log": config.observability.access_log},
         )
         e = config.autoscaling.engine
