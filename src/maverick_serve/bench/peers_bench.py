@@ -26,8 +26,9 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from maverick_serve.config.serve_runtime import ServeRuntimeConfig
 from maverick_serve.net import free_port
 from maverick_serve.serving.up_process import run_server, run_up
 
@@ -112,8 +113,9 @@ def vllm_serve(vllm_python: Path, model: Path, w: Workload, workdir: Path) -> It
 def serve_runtime(variant: str) -> dict[str, Any]:
     """`proxy`, `direct/plain`, ... as a serve_runtime section."""
     ingress, _, flavour = variant.partition("/")
-    if ingress not in ("proxy", "direct", "haproxy") or flavour not in ("", "plain"):
-        raise ValueError(f"serve runtime {variant!r}: want proxy|direct|haproxy, optionally /plain")
+    modes = get_args(ServeRuntimeConfig.model_fields["ingress"].annotation)  # the config's own list
+    if ingress not in modes or flavour not in ("", "plain"):
+        raise ValueError(f"serve runtime {variant!r}: want {'|'.join(modes)}, optionally /plain")
     return {"ingress": ingress, "throughput_optimized": flavour != "plain"}
 
 
