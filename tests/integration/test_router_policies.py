@@ -27,7 +27,8 @@ def _config(model: Path, policy: str, **routing: Any) -> dict[str, Any]:
         "model": {"path": str(model), "served_model_name": MODEL},
         "engine": {"kv_cache_memory_gib": 0.1, "max_model_len": 4096, "num_threads": 1},
         "kvtier": {"enabled": False},
-        "router": {"routing": {"policy": policy, **routing}},
+        # Faster than the default so the fixed waits below cover publish + poll.
+        "router": {"routing": {"policy": policy, "state_interval_s": 0.05, **routing}},
     }
 
 

@@ -31,7 +31,9 @@ def cluster(tiny_model: Path) -> Iterator[str]:
             "kvtier": {"enabled": False},
             # Two routers: each polls the state hub, so both send a prefix to the same replica.
             "resources": {"engine": {"replicas": 2, "num_cpus": 1}, "router": {"replicas": 2}},
-            "router": {"routing": {"policy": "cache_aware", "max_queue_per_replica": 64}},
+            "router": {
+                "routing": {"policy": "cache_aware", "max_queue_per_replica": 64, "state_interval_s": 0.05}
+            },
         }
     )
     with serve_app(cfg, APP) as url:

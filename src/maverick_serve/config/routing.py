@@ -41,7 +41,13 @@ class RoutingConfig(BaseModel):
         None, description="Override the named policy's scorer weights (round_robin ignores them)."
     )
     state_interval_s: float = Field(
-        0.05, gt=0, le=5, description="Replicas publish load and cache events, routers poll, this often."
+        0.25,
+        gt=0,
+        le=5,
+        description="Replicas publish load and cache events, routers poll, this often. Each is a Serve "
+        "handle call that the one hub replica serves in turn, so the cost grows with replicas × "
+        "1/interval; a router counts what it sent itself at once, so only other routers' requests "
+        "and cache events wait up to two intervals.",
     )
     state_expiry_s: float = Field(
         3.0, gt=0, description="A replica silent for this long is no longer routed to."
