@@ -285,6 +285,40 @@ def test_engine_replica_merges_deltas_per_stream_interval(tiny_model: Path) -> N
     assert all(g >= 0.09 for g in gaps), gaps
 
 
+def test_an_engine_replicas_first_event_carries_its_load_with_the_request_running(tiny_model: Path) -> None:
+    """Routers take the load that comes with a stream's first event (newer than the hub's), so it
+    must count the request that just started, and carry the replica's stamp."""
+    import time
+
+    from maverick_serve.engine.types import SamplingParams
+
+    cfg = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(tiny_model), "served_model_name": MODEL},
+            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096},
+        }
+    ).model_dump(mode="json")
+    server = EngineServer(cfg)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def collect() -> list[dict[str, Any]]:
+        item = {"request_id": "loaded", "prompt_token_ids": [5, 6, 7, 8], "sampling": params.model_dump()}
+        return [e async for e in server.generate(item)]
+
+    before = time.monotonic()
+    loop = asyncio.new_event_loop()
+    try:
+        events = loop.run_until_complete(collect())
+    finally:
+        server.shutdown()
+        loop.close()
+    load = events[0]["load"]
+    assert load["running"] == 1 and load["waiting"] == 0, load
+    assert before < load["at"] <= time.monotonic()
+    assert load["total_kv_blocks"] > 0 and load["max_num_seqs"] == cfg["engine"]["max_num_seqs"]
+    assert all("load" not in e for e in events[1:])
+
+
 def _refs(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         for k, v in node.items():

@@ -83,6 +83,32 @@ def test_hub_cursor_snapshot_restart_and_expiry() -> None:
     assert view.replicas == {} and view.alive() == []
 
 
+def test_the_newest_load_wins_whether_it_came_from_the_hub_or_a_streams_first_event() -> None:
+    clock = Clock()
+    hub = ReplicaStateHub(clock=clock)
+    hub.publish(_report("a", [1], reset=True, running=2, at=10))
+    view = ClusterView(RoutingConfig(), clock=clock)
+    view.apply(hub.poll(None, 0))
+    assert view.replicas["a"].load.running == 2
+    # The first event of a stream this router sent: newer than the hub's, taken at once.
+    view.observe_load("a", {"waiting": 0, "running": 3, "queued_prefill_tokens": 0, "at": 11.0})
+    assert view.replicas["a"].load.running == 3
+    # The hub's answer still carries the report of t=10: older, so it does not undo the 3.
+    view.apply(hub.poll(view.epoch, view.cursor))
+    assert view.replicas["a"].load.running == 3
+    hub.publish(_report("a", running=1, at=12))  # a newer report through the hub replaces it
+    view.apply(hub.poll(view.epoch, view.cursor))
+    assert view.replicas["a"].load.running == 1
+    view.observe_load("a", {"running": 9, "at": 11.5})  # late and older: ignored
+    view.observe_load("ghost", {"running": 9, "at": 99.0})  # not announced by the hub: ignored
+    view.observe_load("a", None)  # a first event without a load (an error event)
+    assert view.replicas["a"].load.running == 1 and set(view.replicas) == {"a"}
+    # The replica restarted (a snapshot report): its new process's stamps start over.
+    hub.publish(_report("a", [2], reset=True, running=4, at=0.5))
+    view.apply(hub.poll(view.epoch, view.cursor))
+    assert view.replicas["a"].load.running == 4
+
+
 def _view(clock: Clock, loads: dict[str, dict[str, int]], cached: dict[str, list[int]]) -> ClusterView:
     hub = ReplicaStateHub(clock=clock)
     for name, load in loads.items():

@@ -290,6 +290,8 @@ class Dispatcher:
                     self.view.on_finished(predicted, image_work)
                 raise
             replica = next((str(f["replica"]) for f in firsts if f.get("replica")), None)
+            for f in firsts:
+                self.view.observe_load(f.get("replica"), f.get("load"))
             if predicted is not None:
                 self.view.on_started(predicted, uncached)
             failed = next((f for f in firsts if _retryable(f)), None)

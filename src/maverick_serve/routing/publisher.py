@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any
@@ -28,6 +29,16 @@ logger = logging.getLogger(__name__)
 # Drained every state interval; bounded so a stalled publisher costs at most ~20 MB. Events lost
 # to the bound only make the router's view drift until the next snapshot (hub restart).
 EVENTS_MAXLEN = 200_000
+
+
+def stamped_load(engine: ServingEngine) -> dict[str, float]:
+    """The engine's load report with `at`, this host's monotonic time of reading it. Reports reach
+    routers by two ways (the hub, and the first event of each stream the router sent): a router
+    keeps the newest by `at`, and both ways start in the same replica process, so the stamps
+    compare."""
+    load = engine.load_report()
+    load["at"] = time.monotonic()
+    return load
 
 
 class StateChannel(ABC):
@@ -138,7 +149,7 @@ class StatePublisher:
         return {
             "replica": self.replica,
             "reset": reset,
-            "load": self.engine.load_report(),
+            "load": stamped_load(self.engine),
             "stored": list(stored),
             "evicted": list(evicted),
             "tier_stored": tier,

@@ -3,7 +3,8 @@
 Replicas publish load reports and cache events (block keys stored and evicted) through the
 `ReplicaStateHub`; every router replica polls it and folds the updates in here. Between reports
 the router also counts what it sent itself (requests and prefill work not yet started), so a
-burst of requests does not all land on the replica that looked idle 50 ms ago.
+burst of requests does not all land on the replica that looked idle a moment ago, and takes the
+load report that comes with each of its streams' first event when it is newer than the hub's.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ReplicaEntry:
     slot: int
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     seen: float = 0.0  # monotonic time of the last report
+    load_at: float = float("-inf")  # the replica's stamp of `load` (`publisher.stamped_load`)
     failed_at: float = -1.0  # a request failed on it; skip until it reports again
     tier_shared: bool = True  # its KV tier is shared (Redis) rather than its own memory store
     sent_requests: int = 0  # sent by this router, not yet started (first token)
@@ -167,6 +169,7 @@ class ClusterView:
             if event.get("reset") and not snapshot:  # one replica restarted: drop what it had
                 self.local.clear_slot(entry.bit)
                 self.tier.clear_slot(entry.bit)
+                entry.load_at = float("-inf")  # a new process: its clock's stamps start over
             entry.tier_shared = bool(event.get("tier_shared", True))
             self.local.remove(event.get("evicted", ()), entry.bit)
             self.local.add(event.get("stored", ()), entry.bit)
@@ -177,8 +180,23 @@ class ClusterView:
             self._forget(replica)  # the hub dropped it: gone
         for replica, info in update["replicas"].items():
             entry = self._entry(replica)
-            entry.load = ReplicaLoad.from_dict(info["load"])
+            self._take_load(entry, info["load"])
             entry.seen = now - float(info.get("age", 0.0))
+
+    def _take_load(self, entry: ReplicaEntry, load: dict[str, Any]) -> None:
+        at = float(load.get("at", float("inf")))  # unstamped (older replicas): always taken
+        if at >= entry.load_at:
+            entry.load = ReplicaLoad.from_dict(load)
+            entry.load_at = at if at != float("inf") else float("-inf")
+
+    def observe_load(self, replica: str | None, load: dict[str, Any] | None) -> None:
+        """A load report that came with a stream's first event: fresher than the hub's (which
+        lags up to two state intervals), so the replica's own count of the request this router
+        just started is in it. Older than what the view holds, or from a replica the hub has not
+        announced: ignored."""
+        entry = self.replicas.get(replica) if replica is not None else None
+        if entry is not None and load:
+            self._take_load(entry, load)
 
     # ---- what the router did itself ---------------------------------------------------------
     def image_load(self, entry: ReplicaEntry) -> float:

@@ -35,7 +35,7 @@ from maverick_serve.engine.types import (
 from maverick_serve.kvtier.client import KVTierClient
 from maverick_serve.kvtier.connector import make_store
 from maverick_serve.observability.tracing import engine_steps, record_span, span_attributes, tracer
-from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher
+from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher, stamped_load
 from maverick_serve.serving.engine_factory import load_serving_engine
 from maverick_serve.serving.latency_window import LatencyWindow
 from maverick_serve.serving.metrics import EngineMetrics
@@ -193,8 +193,9 @@ class EngineServer:
                         continue
                     event = dataclasses.asdict(held)
                     held, sent = None, now
-                    if first:  # tells the router where the request runs
+                    if first:  # tells the router where the request runs, and how loaded it is now
                         event["replica"] = self.replica
+                        event["load"] = stamped_load(self.engine)
                         first = False
                     yield event
             finally:
