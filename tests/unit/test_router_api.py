@@ -252,31 +252,39 @@ def test_body_over_limit_is_413_and_replica_still_serves(api: Api) -> None:
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
 
 
-def test_engine_replica_merges_deltas_per_stream_interval(tiny_model: Path) -> None:
-    """After the first token (sent alone, at once), deltas leave at most every
-    stream_interval_s, merged; every token arrives in order and the last event finishes."""
+def _engine_replica_events(
+    tiny_model: Path, max_tokens: int, **engine: Any
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
+    """One greedy request through an `EngineServer`: its config and (event, loop time) pairs."""
     from maverick_serve.engine.types import SamplingParams
 
     cfg = ClusterConfig.model_validate(
         {
             "model": {"path": str(tiny_model), "served_model_name": MODEL},
-            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096, "stream_interval_s": 0.1},
+            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096, **engine},
         }
     ).model_dump(mode="json")
     server = EngineServer(cfg)
-    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
-    async def collect() -> list[tuple[list[int], bool, float]]:
-        item = {"request_id": "merged", "prompt_token_ids": [5, 6, 7, 8], "sampling": params.model_dump()}
+    async def collect() -> list[tuple[dict[str, Any], float]]:
+        item = {"request_id": "r", "prompt_token_ids": [5, 6, 7, 8], "sampling": params.model_dump()}
         loop = asyncio.get_running_loop()
-        return [(e["new_token_ids"], e["finished"], loop.time()) async for e in server.generate(item)]
+        return [(e, loop.time()) async for e in server.generate(item)]
 
     loop = asyncio.new_event_loop()
     try:
-        events = loop.run_until_complete(collect())
+        return cfg, loop.run_until_complete(collect())
     finally:
         server.shutdown()
         loop.close()
+
+
+def test_engine_replica_merges_deltas_per_stream_interval(tiny_model: Path) -> None:
+    """After the first token (sent alone, at once), deltas leave at most every
+    stream_interval_s, merged; every token arrives in order and the last event finishes."""
+    _, timed = _engine_replica_events(tiny_model, 200, stream_interval_s=0.1)
+    events = [(e["new_token_ids"], e["finished"], t) for e, t in timed]
     assert sum(len(ids) for ids, _, _ in events) == 200
     assert len(events[0][0]) == 1 and events[-1][1] and not any(f for _, f, _ in events[:-1])
     span = events[-1][2] - events[0][2]
@@ -290,28 +298,9 @@ def test_an_engine_replicas_first_event_carries_its_load_with_the_request_runnin
     must count the request that just started, and carry the replica's stamp."""
     import time
 
-    from maverick_serve.engine.types import SamplingParams
-
-    cfg = ClusterConfig.model_validate(
-        {
-            "model": {"path": str(tiny_model), "served_model_name": MODEL},
-            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096},
-        }
-    ).model_dump(mode="json")
-    server = EngineServer(cfg)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-
-    async def collect() -> list[dict[str, Any]]:
-        item = {"request_id": "loaded", "prompt_token_ids": [5, 6, 7, 8], "sampling": params.model_dump()}
-        return [e async for e in server.generate(item)]
-
     before = time.monotonic()
-    loop = asyncio.new_event_loop()
-    try:
-        events = loop.run_until_complete(collect())
-    finally:
-        server.shutdown()
-        loop.close()
+    cfg, timed = _engine_replica_events(tiny_model, 8)
+    events = [e for e, _ in timed]
     load = events[0]["load"]
     assert load["running"] == 1 and load["waiting"] == 0, load
     assert before < load["at"] <= time.monotonic()
