@@ -33,7 +33,7 @@ EVENTS_MAXLEN = 200_000
 
 def stamped_load(engine: ServingEngine) -> dict[str, float]:
     """The engine's load report with `at`, this host's monotonic time of reading it. Reports reach
-    routers by two ways (the hub, and the first event of each stream the router sent): a router
+    routers two ways (the hub, and the first event of each stream the router sent): a router
     keeps the newest by `at`, and both ways start in the same replica process, so the stamps
     compare."""
     load = engine.load_report()
