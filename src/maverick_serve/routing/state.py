@@ -184,10 +184,10 @@ class ClusterView:
             entry.seen = now - float(info.get("age", 0.0))
 
     def _take_load(self, entry: ReplicaEntry, load: dict[str, Any]) -> None:
-        at = float(load.get("at", float("inf")))  # unstamped (older replicas): always taken
-        if at >= entry.load_at:
+        at = load.get("at")  # None: unstamped (an older replica), always taken
+        if at is None or float(at) >= entry.load_at:
             entry.load = ReplicaLoad.from_dict(load)
-            entry.load_at = at if at != float("inf") else float("-inf")
+            entry.load_at = float("-inf") if at is None else float(at)
 
     def observe_load(self, replica: str | None, load: dict[str, Any] | None) -> None:
         """A load report that came with a stream's first event: fresher than the hub's (which
