@@ -36,9 +36,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from maverick_serve.engine.async_engine import AsyncEngine
     from maverick_serve.engine.inputs import InputProcessor
-    from maverick_serve.engine.native import NativeEngine
+    from maverick_serve.engine.native.async_engine import AsyncEngine
+    from maverick_serve.engine.native.engine import NativeEngine
     from maverick_serve.engine.types import SamplingParams
 
     model = args.model or default_tiny_model()

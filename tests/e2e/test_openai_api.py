@@ -21,7 +21,7 @@ from PIL import Image
 
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.inputs import InputProcessor
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import SamplingParams
 
 MODEL_NAME = "llama-4-tiny"  # as configured by the `cluster` fixture in conftest.py

@@ -12,7 +12,7 @@ import torch
 
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.experts.placement import PlacementError
 from maverick_serve.net import free_port

@@ -13,7 +13,7 @@ import torch
 
 from maverick_serve.config import NativeEngineConfig, preset
 from maverick_serve.config.kvtier import KVTierConfig
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.model.make_model import make_model
 from maverick_serve.serving.engine_factory import load_native_engine

@@ -11,7 +11,7 @@ from ray import serve
 
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT
 from serve_helpers import serve_app

@@ -13,7 +13,7 @@ import ray
 
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from serve_helpers import serve_app
 

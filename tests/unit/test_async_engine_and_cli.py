@@ -11,8 +11,8 @@ import torch
 
 from maverick_serve.cli import main
 from maverick_serve.config import NativeEngineConfig
-from maverick_serve.engine.async_engine import AsyncEngine
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.async_engine import AsyncEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, InvalidRequestError, SamplingParams
 
 

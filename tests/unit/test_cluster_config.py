@@ -147,7 +147,7 @@ def test_disaggregation_needs_a_shared_tier() -> None:
 
 
 def test_redis_password_comes_from_the_named_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from maverick_serve.kvtier.connector import redis_url
+    from maverick_serve.kvtier.store_factory import redis_url
 
     assert redis_url("redis://r:6379/0", None) == "redis://r:6379/0"
     monkeypatch.setenv("MAVERICK_REDIS_PASSWORD", "p@ss:w/rd")

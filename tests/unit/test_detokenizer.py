@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from maverick_serve.engine.detokenizer import IncrementalDetokenizer
+from maverick_serve.engine.native.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maverick_serve.config import NativeEngineConfig
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, InvalidRequestError, RequestOutput, SamplingParams
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP
 
@@ -267,7 +267,7 @@ def test_blockwise_attention_generation_equals_dense(tiny_model: Path) -> None:
 def test_extreme_temperatures_sample_a_real_token_instead_of_stopping_the_engine(temperature: float) -> None:
     """Found by the API fuzzer: temperature 1e-300 made the softmax NaN and multinomial raised,
     which stopped the engine with every other request on it."""
-    from maverick_serve.engine.sampler import sample_token
+    from maverick_serve.engine.native.sampler import sample_token
 
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=temperature, top_p=0.5, top_k=10)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from maverick_serve.config import ModelSpec, NativeEngineConfig
 from maverick_serve.engine.inputs import InputProcessor
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import InvalidRequestError, SamplingParams
 
 transformers = pytest.importorskip("transformers")

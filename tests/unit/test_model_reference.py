@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maverick_serve.config import NativeEngineConfig
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, ImageInput
 from maverick_serve.model.checkpoint import load_model
 

@@ -16,7 +16,7 @@ from maverick_serve.api.errors import APIError
 from maverick_serve.config import preset
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.routing import AuthConfig, RoutingConfig
-from maverick_serve.engine.kv_cache import chain_block_hashes
+from maverick_serve.engine.block_hashes import chain_block_hashes
 from maverick_serve.routing.admission import Admission, predicted_wait_s, retry_after
 from maverick_serve.routing.auth import ApiKeyAuth, hash_key
 from maverick_serve.routing.cost import CostModel, RequestCost, block_key
@@ -498,7 +498,7 @@ def test_merged_engine_events_keep_every_token_and_the_last_end_state() -> None:
 
 
 def test_engine_rates_for_admission_come_from_step_times() -> None:
-    from maverick_serve.engine.step_rates import StepRecord, measured_rates
+    from maverick_serve.engine.native.step_rates import StepRecord, measured_rates
 
     # (end time, prompt tokens, generated tokens, step seconds, finished) per step
     prefills = [StepRecord(10.0 + 0.1 * i, 300, 2, 0.05, 0) for i in range(10)]
@@ -511,7 +511,7 @@ def test_engine_rates_for_admission_come_from_step_times() -> None:
 
 
 def test_the_finish_rate_of_a_burst_comes_from_seat_times_not_from_finishes_counted() -> None:
-    from maverick_serve.engine.step_rates import StepRecord, finish_rate
+    from maverick_serve.engine.native.step_rates import StepRecord, finish_rate
 
     # 40 seats busy for 9 s, then the first 8 requests finish, each after 8 s in its seat: by
     # Little's law 40 / 8 s = 5/s drain, where counting finishes in the window says 8 / 10 s.
@@ -523,7 +523,7 @@ def test_the_finish_rate_of_a_burst_comes_from_seat_times_not_from_finishes_coun
 
 
 def test_the_step_time_model_extrapolates_to_the_batch_a_burst_builds() -> None:
-    from maverick_serve.engine.step_rates import StepRecord, measured_rates, step_model
+    from maverick_serve.engine.native.step_rates import StepRecord, measured_rates, step_model
 
     # Steps of 4..12 sequences at 5 ms + 1 ms each, plus prefilling steps 10 µs per prompt token.
     decodes = [StepRecord(float(i), 0, 4 + i % 9, 0.005 + 0.001 * (4 + i % 9), 0) for i in range(90)]

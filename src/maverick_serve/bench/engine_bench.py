@@ -21,7 +21,7 @@ import torch
 
 from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.model import TEXT_ARCH, ModelSpec
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.model.make_model import TEXT_ONLY_SUBDIR
 

@@ -18,7 +18,7 @@ from typing import Any
 from maverick_serve.bench.engine_bench import _prompts, _run
 from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.experts.tier import ExpertTier
 from maverick_serve.model.moe import MoEFeedForward
 from maverick_serve.net import free_port

@@ -32,7 +32,7 @@ from maverick_serve.config import preset
 from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.model import ModelSpec
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.kvtier.codec import decode_block, encode_block, encode_block_parts
 from maverick_serve.kvtier.redis_process import RedisProcess

@@ -175,7 +175,7 @@ def engine_alone(model: Path, w: Workload, threads: int) -> list[float]:
     `concurrency` in flight (a new one admitted as one finishes), ignore_eos; warm-up + rounds."""
     from maverick_serve.bench.engine_bench import _prompts
     from maverick_serve.config.engine import NativeEngineConfig
-    from maverick_serve.engine.native import NativeEngine
+    from maverick_serve.engine.native.engine import NativeEngine
     from maverick_serve.engine.types import EngineRequest, SamplingParams
 
     config = NativeEngineConfig(num_threads=threads, kv_cache_memory_gib=1, max_model_len=w.max_model_len)

@@ -6,7 +6,7 @@ Contract of `Engine`:
   the limit) before any compute for bad input, and never leaves a half-added request behind.
 - `step` runs one scheduling + forward iteration and returns the deltas it produced. It is
   called from one thread only (the engine loop); `add_request`, `abort` and `stats` may be
-  called from that same thread between steps. `engine.async_engine.AsyncEngine` serialises them.
+  called from that same thread between steps. `engine.native.async_engine.AsyncEngine` serialises them.
 - Every request ends with exactly one delta with `finished=True`, a `finish_reason`
   ('stop', 'length' or 'abort') and `usage`; after `abort` that delta comes from the next step.
 - Same checkpoint, same prompt, same sampling params and seed ⇒ the same tokens, whatever else

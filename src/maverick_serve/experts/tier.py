@@ -16,7 +16,7 @@ from torch import nn
 
 from maverick_serve.config.experts import ExpertsConfig, NcclTransportConfig
 from maverick_serve.config.model import ModelSpec
-from maverick_serve.engine.hooks import ExpertHooks, ExpertTierFactory
+from maverick_serve.engine.native.hooks import ExpertHooks, ExpertTierFactory
 from maverick_serve.experts.collective import CollectiveTransport
 from maverick_serve.experts.placement import ExpertPlacement, PlacementError
 from maverick_serve.experts.rebalance import rebalanced

@@ -41,12 +41,12 @@ from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, FullAttentionS
 
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.model import ModelSpec
-from maverick_serve.engine.kv_cache import chain_block_hashes
+from maverick_serve.engine.block_hashes import chain_block_hashes
 from maverick_serve.kvtier.client import KVTierClient, PendingStore
 from maverick_serve.kvtier.codec import CorruptBlockError, decode_block, encode_block_parts
-from maverick_serve.kvtier.connector import make_store
 from maverick_serve.kvtier.keys import model_fingerprint
 from maverick_serve.kvtier.store import StoreValue
+from maverick_serve.kvtier.store_factory import make_store
 from maverick_serve.kvtier.vllm_plan import (
     CHUNKED,
     GLOBAL,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from maverick_serve.config.model import ModelSpec
-from maverick_serve.engine.kv_cache import chain_block_hashes
+from maverick_serve.engine.block_hashes import chain_block_hashes
 
 
 def block_key(block_hash: bytes) -> int:

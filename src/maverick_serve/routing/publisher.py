@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from maverick_serve.engine.base import ServingEngine
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.model.attention import GLOBAL_GROUP
 from maverick_serve.routing.cost import block_key
 from maverick_serve.routing.hub import ReplicaStateHub

@@ -11,11 +11,11 @@ from maverick_serve.config.engine import NativeEngineConfig, VllmEngineConfig
 from maverick_serve.config.experts import ExpertsConfig
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.engine.base import ServingEngine
-from maverick_serve.engine.native import NativeEngine
-from maverick_serve.engine.native_serving import NativeServingEngine
+from maverick_serve.engine.native.engine import NativeEngine
+from maverick_serve.engine.native.serving import NativeServingEngine
 from maverick_serve.engine.types import EngineStats
 from maverick_serve.experts.tier import expert_tier_factory
-from maverick_serve.kvtier.connector import kv_tier_factory
+from maverick_serve.kvtier.native_connector import kv_tier_factory
 from maverick_serve.kvtier.vllm_plan import kv_transfer_config
 
 

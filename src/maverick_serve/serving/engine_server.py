@@ -21,7 +21,7 @@ from opentelemetry import trace
 from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.inputs import InputProcessor
-from maverick_serve.engine.native_serving import NativeServingEngine
+from maverick_serve.engine.native.serving import NativeServingEngine
 from maverick_serve.engine.types import (
     EngineDeadError,
     EngineRequest,
@@ -33,7 +33,7 @@ from maverick_serve.engine.types import (
     merge_outputs,
 )
 from maverick_serve.kvtier.client import KVTierClient
-from maverick_serve.kvtier.connector import make_store
+from maverick_serve.kvtier.store_factory import make_store
 from maverick_serve.observability.tracing import engine_steps, record_span, span_attributes, tracer
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel, StatePublisher, stamped_load
 from maverick_serve.serving.engine_factory import load_serving_engine

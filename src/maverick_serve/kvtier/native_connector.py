@@ -1,4 +1,4 @@
-"""Engine side of the KV tier: find and load stored prefixes on admission, store finished blocks.
+"""The native engine's KV-tier connector: find and load stored prefixes on admission, store finished blocks.
 
 Llama 4-aware layout. A tier block (default 256 tokens) is stored per layer group:
 - `global` (NoPE layers): for every block of the prompt, written behind as prefill proceeds;
@@ -13,58 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import torch
 
 from maverick_serve.config.kvtier import KVTierConfig
 from maverick_serve.config.model import ModelSpec
-from maverick_serve.engine.hooks import KVTierFactory, KVTierHooks
-from maverick_serve.engine.kv_cache import KVCacheManager, chain_block_hashes, flat_slots
-from maverick_serve.engine.sequence import Sequence
+from maverick_serve.engine.block_hashes import chain_block_hashes
+from maverick_serve.engine.native.hooks import KVTierFactory, KVTierHooks
+from maverick_serve.engine.native.kv_cache import KVCacheManager, flat_slots
+from maverick_serve.engine.native.sequence import Sequence
 from maverick_serve.kvtier.client import KVTierClient, PendingStore
 from maverick_serve.kvtier.codec import CorruptBlockError, decode_block, encode_block_parts
 from maverick_serve.kvtier.keys import block_key, model_fingerprint
 from maverick_serve.kvtier.layout import longest_tier_hit
-from maverick_serve.kvtier.store import KVStore, KVStoreError, MemoryKVStore, StoreValue
+from maverick_serve.kvtier.store import KVStoreError, StoreValue
+from maverick_serve.kvtier.store_factory import make_store
 from maverick_serve.model.attention import CHUNKED_GROUP, GLOBAL_GROUP, PagedKVCache
 
 logger = logging.getLogger(__name__)
-
-
-def redis_url(url: str, password_env: str | None) -> str:
-    """The URL with the password from `password_env` (percent-encoded) in place of any in it."""
-    if password_env is None:
-        return url
-    password = os.environ.get(password_env)
-    if password is None:
-        raise RuntimeError(f"kvtier.store.password_env names {password_env}, which is not set")
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("password="))
-        query = "&".join(filter(None, [query, "password=" + quote(password, safe="")]))
-        return f"unix://{parts.path}?{query}"  # urlunsplit would drop the empty authority
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
-
-
-def make_store(cfg: KVTierConfig) -> KVStore:
-    if cfg.store.type == "redis":
-        from maverick_serve.kvtier.redis_store import RedisKVStore
-
-        return RedisKVStore(
-            redis_url(cfg.store.url, cfg.store.password_env),
-            cfg.store.max_connections,
-            cfg.store.socket_timeout_s,
-            cfg.store.max_value_bytes,
-            cfg.store.bulk,
-        )
-    return MemoryKVStore(cfg.store.capacity_bytes)
 
 
 def kv_tier_factory(cfg: KVTierConfig | None, model_dir: Path) -> KVTierFactory | None:

@@ -16,15 +16,15 @@ from tokenizers import Tokenizer
 from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.base import Engine
-from maverick_serve.engine.detokenizer import IncrementalDetokenizer
-from maverick_serve.engine.hooks import ExpertHooks, ExpertTierFactory, KVTierFactory, KVTierHooks
-from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager
+from maverick_serve.engine.native.detokenizer import IncrementalDetokenizer
+from maverick_serve.engine.native.hooks import ExpertHooks, ExpertTierFactory, KVTierFactory, KVTierHooks
+from maverick_serve.engine.native.kv_cache import GROUPS, KVCacheManager
+from maverick_serve.engine.native.runner import ModelRunner
+from maverick_serve.engine.native.sampler import sample_token
+from maverick_serve.engine.native.scheduler import ScheduledChunk, Scheduler
+from maverick_serve.engine.native.sequence import Sequence, Status
+from maverick_serve.engine.native.step_rates import StepRecord, measured_rates
 from maverick_serve.engine.request_checks import check_request
-from maverick_serve.engine.runner import ModelRunner
-from maverick_serve.engine.sampler import sample_token
-from maverick_serve.engine.scheduler import ScheduledChunk, Scheduler
-from maverick_serve.engine.sequence import Sequence, Status
-from maverick_serve.engine.step_rates import StepRecord, measured_rates
 from maverick_serve.engine.types import (
     MAX_RECORDED_STEPS,
     EngineRequest,

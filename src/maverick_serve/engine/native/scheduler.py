@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from maverick_serve.engine.kv_cache import KVCacheManager
-from maverick_serve.engine.sequence import Sequence, Status
+from maverick_serve.engine.native.kv_cache import KVCacheManager
+from maverick_serve.engine.native.sequence import Sequence, Status
 
 
 @dataclass

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maverick_serve.engine.detokenizer import IncrementalDetokenizer
-from maverick_serve.engine.kv_cache import BlockTables, chain_block_hashes
+from maverick_serve.engine.block_hashes import chain_block_hashes
+from maverick_serve.engine.native.detokenizer import IncrementalDetokenizer
+from maverick_serve.engine.native.kv_cache import BlockTables
 from maverick_serve.engine.types import EngineRequest, FinishReason, RequestTiming, TokenLogprob
 
 

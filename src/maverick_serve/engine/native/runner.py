@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from maverick_serve.engine.kv_cache import GROUPS, KVCacheManager, flat_slots
-from maverick_serve.engine.scheduler import ScheduledChunk
-from maverick_serve.engine.sequence import Sequence
+from maverick_serve.engine.native.kv_cache import GROUPS, KVCacheManager, flat_slots
+from maverick_serve.engine.native.scheduler import ScheduledChunk
+from maverick_serve.engine.native.sequence import Sequence
 from maverick_serve.model.attention import (
     CHUNKED_GROUP,
     GLOBAL_GROUP,

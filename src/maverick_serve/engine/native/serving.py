@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from maverick_serve.engine.async_engine import AsyncEngine
 from maverick_serve.engine.base import ServingEngine
-from maverick_serve.engine.native import NativeEngine
+from maverick_serve.engine.native.async_engine import AsyncEngine
+from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, EngineStats, RequestOutput
 
 

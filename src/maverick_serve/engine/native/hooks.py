@@ -1,6 +1,6 @@
 """What the native engine asks of the tiers that live outside it: an external KV tier and routed
 experts on other workers. The engine defines these contracts and is handed implementations
-(`kvtier.connector.KVTierConnector`, `experts.tier.ExpertTier`), so the engine never imports the
+(`kvtier.native_connector.KVTierConnector`, `experts.tier.ExpertTier`), so the engine never imports the
 tiers and the tiers may build on the engine's KV-cache types; `serving.engine_factory` wires them.
 """
 
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from maverick_serve.config.model import ModelSpec
-    from maverick_serve.engine.kv_cache import KVCacheManager
-    from maverick_serve.engine.sequence import Sequence
+    from maverick_serve.engine.native.kv_cache import KVCacheManager
+    from maverick_serve.engine.native.sequence import Sequence
     from maverick_serve.model.attention import PagedKVCache
     from maverick_serve.model.llama4 import Llama4Model
 
