@@ -154,13 +154,19 @@ class Attention(nn.Module):
         if group.mask is None:
             out = blockwise_attention(queries, k_cache, v_cache, group, d**-0.5).to(q.dtype)
         else:
-            keys = k_cache[group.gather_index].to(q.dtype).transpose(1, 2)  # [B, kvh, K, d]
-            values = v_cache[group.gather_index].to(q.dtype).transpose(1, 2)
+            keys = gather_keys(k_cache, group.gather_index).to(q.dtype).transpose(1, 2)  # [B, kvh, K, d]
+            values = gather_keys(v_cache, group.gather_index).to(q.dtype).transpose(1, 2)
             out = nn.functional.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=group.mask, scale=d**-0.5, enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(b * qlen, self.num_heads * d)
         return out if qlen == 1 else out[part.query_pad_index]
+
+
+def gather_keys(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache [slots, kvh, d] rows at index [B, K] → [B, K, kvh, d]. `index_select` on the flat
+    index copies rows ~5× faster on CPU than advanced indexing (`cache[index]`), same values."""
+    return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
 
 
 def blockwise_attention(
@@ -183,8 +189,9 @@ def blockwise_attention(
     total = group.gather_index.shape[1]
     for start in range(0, total, group.key_block):
         idx = group.gather_index[:, start : start + group.key_block]
-        keys = k_cache[idx].float().transpose(1, 2).repeat_interleave(rep, dim=1)  # [B, h, kb, d]
-        values = v_cache[idx].float().transpose(1, 2).repeat_interleave(rep, dim=1)
+        # [B, h, kb, d]
+        keys = gather_keys(k_cache, idx).float().transpose(1, 2).repeat_interleave(rep, dim=1)
+        values = gather_keys(v_cache, idx).float().transpose(1, 2).repeat_interleave(rep, dim=1)
         kpos = torch.arange(start, start + idx.shape[1], device=q.device)[None, None, None, :]
         visible = (kpos <= qpos) & (kpos < klen)
         scores = (q @ keys.transpose(-1, -2)) * scale
