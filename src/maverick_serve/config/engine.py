@@ -77,6 +77,12 @@ class NativeEngineConfig(EngineCommonConfig):
         description="torch intra-op threads on CPU; None leaves torch's default (`maverick-serve up` "
         "on CPU sets the cores less one, split between engine replicas).",
     )
+    cpu_weight_prepack: bool = Field(
+        True,
+        description="On CPU, run the text stack's linear layers (q/k/v and gate/up fused) and local experts "
+        "through oneDNN with weights reordered once into its blocked layout: faster decode-sized matmuls "
+        "than torch's default GEMM, for a second copy of those weights. Ignored on GPUs.",
+    )
 
 
 # AsyncEngineArgs fields that VllmEngineConfig sets itself; `engine_args` may not repeat them.

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from maverick_serve.config.model import TextSpec
+from maverick_serve.model.cpu_gemm import PackedGemm
 from maverick_serve.model.layers import apply_rope, l2_norm
 
 CHUNKED_GROUP = "chunked"
@@ -112,6 +113,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.qkv_gemm: PackedGemm | None = None  # set by pack_cpu_gemms
+        self.o_gemm: PackedGemm | None = None
+
+    def pack_cpu_gemms(self) -> None:
+        self.qkv_gemm = PackedGemm([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.o_gemm = PackedGemm([self.o_proj.weight])
 
     def forward(
         self,
@@ -122,9 +129,16 @@ class Attention(nn.Module):
         cache: PagedKVCache,
     ) -> torch.Tensor:
         t, d = x.shape[0], self.spec.head_dim
-        q = self.q_proj(x).view(t, self.num_heads, d)
-        k = self.k_proj(x).view(t, self.num_kv_heads, d)
-        v = self.v_proj(x).view(t, self.num_kv_heads, d)
+        if self.qkv_gemm is not None:
+            kv_width = self.num_kv_heads * d
+            q_flat, k_flat, v_flat = self.qkv_gemm(x).split([self.num_heads * d, kv_width, kv_width], dim=-1)
+            q = q_flat.view(t, self.num_heads, d)
+            k = k_flat.view(t, self.num_kv_heads, d)
+            v = v_flat.view(t, self.num_kv_heads, d)
+        else:
+            q = self.q_proj(x).view(t, self.num_heads, d)
+            k = self.k_proj(x).view(t, self.num_kv_heads, d)
+            v = self.v_proj(x).view(t, self.num_kv_heads, d)
         if self.use_rope:
             q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         if self.use_qk_norm:
@@ -137,7 +151,8 @@ class Attention(nn.Module):
         k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
         v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
         outs = [self._attend(q[p.row_start : p.row_end], p, k_cache, v_cache) for p in batch.parts]
-        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+        attended = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.o_gemm(attended) if self.o_gemm is not None else self.o_proj(attended)
 
     def _attend(
         self, q: torch.Tensor, part: AttentionPart, k_cache: torch.Tensor, v_cache: torch.Tensor

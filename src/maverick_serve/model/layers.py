@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from maverick_serve.config.model import TextSpec
+from maverick_serve.model.cpu_gemm import PackedGemm
 
 
 class RMSNorm(nn.Module):
@@ -38,8 +39,17 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_gemm: PackedGemm | None = None  # set by pack_cpu_gemms
+        self.down_gemm: PackedGemm | None = None
+
+    def pack_cpu_gemms(self) -> None:
+        self.gate_up_gemm = PackedGemm([self.gate_proj.weight, self.up_proj.weight])
+        self.down_gemm = PackedGemm([self.down_proj.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_gemm is not None and self.down_gemm is not None:
+            gate, up = self.gate_up_gemm(x).chunk(2, dim=-1)
+            return self.down_gemm(nn.functional.silu(gate) * up)
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.model.attention import ForwardBatch, PagedKVCache
+from maverick_serve.model.cpu_gemm import cpu_gemm_supported
 from maverick_serve.model.layers import rope_inverse_frequencies
 from maverick_serve.model.text import CausalLM
 from maverick_serve.model.vision import MultiModalProjector, VisionModel, vision_rope_frequencies
@@ -30,6 +31,18 @@ class Llama4Model(nn.Module):
         self.language_model.model.rotary_emb.inv_freq = rope_inverse_frequencies(self.spec.text).to(device)
         if self.vision_model is not None and self.spec.vision is not None:
             self.vision_model.rope_freqs = vision_rope_frequencies(self.spec.vision).to(device)
+
+    def pack_cpu_gemms(self) -> bool:
+        """Route the text stack's linear layers through oneDNN with prepacked weights (`cpu_gemm`);
+        call after loading. Local routed experts are packed too; remote ones are not ours to pack.
+        Returns False (nothing changed) where oneDNN cannot run this device and dtype."""
+        if not cpu_gemm_supported(self.device, self.dtype):
+            return False
+        for module in self.language_model.modules():
+            pack = getattr(module, "pack_cpu_gemms", None)
+            if pack is not None:
+                pack()
+        return True
 
     @property
     def device(self) -> torch.device:

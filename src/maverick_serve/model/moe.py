@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from maverick_serve.config.model import TextSpec
+from maverick_serve.model.cpu_gemm import PackedGemm
 from maverick_serve.model.layers import FeedForward
 
 
@@ -44,8 +45,18 @@ class LocalExperts(nn.Module, ExpertExecutor):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, hidden, 2 * intermediate))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, intermediate, hidden))
+        self.packed: list[tuple[PackedGemm, PackedGemm]] | None = None  # set by pack_cpu_gemms
+
+    def pack_cpu_gemms(self) -> None:
+        """One (gate_up, down) pair per expert, in nn.Linear layout ([out, in])."""
+        self.packed = [
+            (PackedGemm([self.gate_up_proj[e].t()]), PackedGemm([self.down_proj[e].t()]))
+            for e in range(self.num_experts)
+        ]
 
     def run_experts(self, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_expert_forward(tokens, expert_ids, self.packed)
         return grouped_expert_forward(tokens, expert_ids, self.gate_up_proj, self.down_proj)
 
 
@@ -76,15 +87,38 @@ def grouped_expert_forward(
     return out
 
 
+def packed_expert_forward(
+    tokens: torch.Tensor, expert_ids: torch.Tensor, packed: list[tuple[PackedGemm, PackedGemm]]
+) -> torch.Tensor:
+    """`grouped_expert_forward` over per-expert packed oneDNN weights (see `cpu_gemm`)."""
+    out = torch.empty_like(tokens)
+    if tokens.shape[0] == 0:
+        return out
+    order = torch.argsort(expert_ids, stable=True)
+    experts, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
+    sorted_tokens = tokens[order]
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        gate_up, down = packed[expert]
+        gate, up = gate_up(sorted_tokens[start : start + count]).chunk(2, dim=-1)
+        out[order[start : start + count]] = down(up * nn.functional.silu(gate))
+        start += count
+    return out
+
+
 class Router(nn.Module):
     def __init__(self, spec: TextSpec) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(spec.num_local_experts, spec.hidden_size))
         self.top_k = spec.num_experts_per_tok
+        self.gemm: PackedGemm | None = None  # set by pack_cpu_gemms
+
+    def pack_cpu_gemms(self) -> None:
+        self.gemm = PackedGemm([self.weight])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (scores [N, k] = sigmoid of the chosen logits, expert ids [N, k])."""
-        logits = nn.functional.linear(x, self.weight)
+        logits = self.gemm(x) if self.gemm is not None else nn.functional.linear(x, self.weight)
         top_values, top_ids = torch.topk(logits, self.top_k, dim=1)
         return torch.sigmoid(top_values.float()).to(x.dtype), top_ids
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from maverick_serve.config.model import TextSpec
 from maverick_serve.model.attention import Attention, ForwardBatch, PagedKVCache
+from maverick_serve.model.cpu_gemm import PackedGemm
 from maverick_serve.model.layers import FeedForward, RMSNorm, RotaryEmbedding, temperature_scales
 from maverick_serve.model.moe import MoEFeedForward
 
@@ -59,11 +60,16 @@ class CausalLM(nn.Module):
         super().__init__()
         self.model = TextModel(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head_gemm: PackedGemm | None = None  # set by pack_cpu_gemms
+
+    def pack_cpu_gemms(self) -> None:
+        self.lm_head_gemm = PackedGemm([self.lm_head.weight])
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(token_ids)
 
     def forward(self, embeds: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Logits [len(batch.logits_index), vocab] in fp32."""
-        hidden = self.model(embeds, batch, cache)
-        return self.lm_head(hidden[batch.logits_index]).float()
+        hidden = self.model(embeds, batch, cache)[batch.logits_index]
+        logits = self.lm_head_gemm(hidden) if self.lm_head_gemm is not None else self.lm_head(hidden)
+        return logits.float()

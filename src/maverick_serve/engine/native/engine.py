@@ -84,6 +84,8 @@ class NativeEngine(Engine):
         self.expert_tier = expert_tier
         if expert_tier is not None:
             expert_tier.attach(model)
+        if config.cpu_weight_prepack:
+            model.pack_cpu_gemms()  # after attach: remote experts are not packed here
         self.spec = model.spec
         self.tokenizer = tokenizer
         self.config = config
