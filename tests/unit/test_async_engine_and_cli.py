@@ -57,6 +57,42 @@ def test_concurrent_streams_equal_sync_engine(engine: NativeEngine, tiny_model: 
     assert all(2 <= deltas <= 10 for _, deltas in results)
 
 
+def test_a_step_wakes_each_caller_loop_once(engine: NativeEngine) -> None:
+    """Eight streams on one loop: the engine thread schedules one callback per step for all of
+    them, not one per stream (each is a socket write and a GIL hand-off)."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    runner = AsyncEngine(engine)
+    wakeups = 0
+
+    async def one(i: int) -> list[int]:
+        tokens: list[int] = []
+        async for out in runner.generate(EngineRequest(str(i), _prompt(12, i), params.model_copy())):
+            tokens.extend(out.new_token_ids)
+        return tokens
+
+    async def all_of_them() -> tuple[list[list[int]], int]:
+        nonlocal wakeups
+        loop = asyncio.get_running_loop()
+        schedule = loop.call_soon_threadsafe
+
+        def counted(callback: Any, *args: Any) -> Any:
+            nonlocal wakeups
+            wakeups += callback.__name__ == "_put_all"
+            return schedule(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        results = await asyncio.gather(*(one(i) for i in range(8)))
+        return results, (await runner.stats()).steps_total
+
+    try:
+        results, steps = asyncio.run(all_of_them())
+    finally:
+        runner.shutdown()
+    assert all(len(tokens) == 6 for tokens in results)
+    # 8 streams × 6 tokens = 48 deliveries; one wake-up per step that produced outputs.
+    assert 6 <= wakeups <= steps < 48
+
+
 def test_a_slow_consumer_gets_merged_deltas_with_every_token(engine: NativeEngine) -> None:
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     expected = [o for o in _sync_outputs(engine, _prompt(20, 3), params)]

@@ -56,6 +56,20 @@ class AsyncEngine:
             with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody listens
                 loop.call_soon_threadsafe(q.put_nowait, item)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs reach each caller loop in one callback. One wake-up per step instead of
+        one per sequence: each wake-up is a socket write whose released GIL the caller loop takes,
+        so with 16 sequences the engine loop waited for the GIL up to 16 times a step."""
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    per_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in per_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody listens
+                loop.call_soon_threadsafe(_put_all, items)
+
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
@@ -68,8 +82,7 @@ class AsyncEngine:
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        self._deliver(out.request_id, out)
+                    self._deliver_step(self.engine.step())
                 self._maybe_report_stats()
         except BaseException as exc:  # surface the crash to every waiting caller
             self._error = exc
@@ -154,3 +167,8 @@ class AsyncEngine:
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopped.set()
         self._thread.join(timeout=timeout_s)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], RequestOutput]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
