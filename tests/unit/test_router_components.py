@@ -510,6 +510,29 @@ def test_engine_rates_for_admission_come_from_step_times() -> None:
     assert measured_rates(tuple(decodes[:5]))["step_s"] == 0.0  # 0.1 s of steps: not yet measured
 
 
+def test_load_reports_refit_the_rates_once_per_refit_interval_and_keep_counts_exact(tiny_model: Path) -> None:
+    from maverick_serve.config import NativeEngineConfig
+    from maverick_serve.engine.native.engine import _REFIT_S, NativeEngine
+    from maverick_serve.engine.native.step_rates import StepRecord
+    from maverick_serve.engine.types import EngineRequest, SamplingParams
+
+    engine = NativeEngine.from_pretrained(tiny_model, NativeEngineConfig(kv_cache_memory_gib=0.05))
+    assert engine.load_report()["step_s"] == 0.0  # nothing measured yet
+    for i in range(30):
+        engine._record_rate(StepRecord(100.0 + 0.01 * i, 0, 16, 0.02, 0))
+    fitted = engine.load_report()
+    assert fitted["step_s"] == pytest.approx(0.02)
+    # Slower steps within the refit interval: the fitted rates stay (a load report per request
+    # must not refit the window each time) ...
+    engine._record_rate(StepRecord(100.29 + _REFIT_S / 2, 0, 16, 0.2, 0))
+    engine.add_request(EngineRequest("r", [5, 6, 7], SamplingParams(max_tokens=2)))
+    report = engine.load_report()
+    assert report["step_s"] == fitted["step_s"] and report["waiting"] == 1  # counts are live
+    # ... and a step past it refits them.
+    engine._record_rate(StepRecord(100.29 + _REFIT_S, 0, 16, 0.2, 0))
+    assert engine.load_report()["step_s"] == pytest.approx((30 * 0.02 + 2 * 0.2) / 32)
+
+
 def test_the_finish_rate_of_a_burst_comes_from_seat_times_not_from_finishes_counted() -> None:
     from maverick_serve.engine.native.step_rates import StepRecord, finish_rate
 
