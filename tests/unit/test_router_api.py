@@ -128,6 +128,20 @@ def test_chat_streaming_joins_to_non_streamed_text(api: Api) -> None:
     assert sum(1 for c in chunks if c["choices"]) >= 10  # really incremental
 
 
+def test_streamed_completion_logprobs_equal_the_non_streamed(api: Api) -> None:
+    """Tokens, logprobs and text_offset of a streamed completion, joined over its chunks, are the
+    non-streamed answer's: offsets go on from chunk to chunk instead of restarting at 0."""
+    body = {"model": MODEL, "prompt": "Once upon", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    full = api.post("/v1/completions", body).json()["choices"][0]["logprobs"]
+    chunks = [c for c in _sse(api.post("/v1/completions", body | {"stream": True})) if c["choices"]]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert len(parts) >= 6  # per-step chunks (stream_interval_s 0 in this fixture)
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for p in parts for v in p[key]] == full[key], key
+    offsets = full["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] > 0
+
+
 def test_completions_string_and_token_ids(api: Api) -> None:
     a = api.post(
         "/v1/completions", {"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0}

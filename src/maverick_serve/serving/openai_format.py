@@ -79,7 +79,11 @@ class ResponseFormatter:
         logprobs: list[dict[str, Any]] | None,
         finish_reason: str | None,
         delta: bool = False,
+        text_offset: int = 0,
     ) -> dict[str, Any]:
+        """One choice (or a stream chunk's delta of it). `text_offset`: where this text starts in
+        the choice's whole text, so a stream's completion `text_offset`s go on from chunk to chunk
+        as in the non-streamed answer."""
         if kind == "chat":
             lp = self.chat_logprobs(logprobs) if logprobs else None
             content = {
@@ -88,7 +92,7 @@ class ResponseFormatter:
                 else {"role": "assistant", "content": text}
             }
             return {"index": index, **content, "logprobs": lp, "finish_reason": finish_reason}
-        lp = self.completion_logprobs(logprobs) if logprobs else None
+        lp = self.completion_logprobs(logprobs, text_offset) if logprobs else None
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
     def token_text(self, token_id: int) -> str:
@@ -111,9 +115,9 @@ class ResponseFormatter:
             )
         return {"content": content}
 
-    def completion_logprobs(self, lps: list[dict[str, Any]]) -> dict[str, Any]:
+    def completion_logprobs(self, lps: list[dict[str, Any]], start: int = 0) -> dict[str, Any]:
         tokens = [self.token_text(lp["token_id"]) for lp in lps]
-        offsets, pos = [], 0
+        offsets, pos = [], start
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
@@ -139,3 +143,11 @@ def usage(choices: list[Choice]) -> dict[str, Any]:
 
 def sse_data(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def next_text_offset(body: dict[str, Any], offset: int) -> int:
+    """Where the text after a completion choice body starts, from its logprobs' offsets."""
+    lp = body.get("logprobs")
+    if not lp or not lp.get("tokens") or "text_offset" not in lp:
+        return offset
+    return int(lp["text_offset"][-1]) + len(lp["tokens"][-1])

@@ -35,7 +35,14 @@ from maverick_serve.routing.dispatcher import Dispatcher, Opened
 from maverick_serve.routing.metrics import RouterMetrics
 from maverick_serve.routing.publisher import HandleStateChannel, StateChannel
 from maverick_serve.serving.latency_window import RateWindow
-from maverick_serve.serving.openai_format import Choice, ResponseFormatter, merge_events, sse_data, usage
+from maverick_serve.serving.openai_format import (
+    Choice,
+    ResponseFormatter,
+    merge_events,
+    next_text_offset,
+    sse_data,
+    usage,
+)
 from maverick_serve.serving.replica_watch import ReplicaWatch
 from maverick_serve.serving.request_body import read_json_body
 from maverick_serve.serving.request_builder import RequestBuilder
@@ -356,6 +363,7 @@ class RouterServer:
 
         tasks = [asyncio.create_task(pump(i)) for i in range(n)]
         choices = [Choice(i) for i in range(n)]
+        offsets = [0] * n  # each completion choice's text_offset so far
         loop = asyncio.get_running_loop()
         status = 200
         try:
@@ -396,8 +404,15 @@ class RouterServer:
                 choices[i].apply(event)
                 finish = event["finish_reason"] if event["finished"] else None
                 body = self.format.choice_body(
-                    kind, i, event["text_delta"], event.get("logprobs"), finish, delta=True
+                    kind,
+                    i,
+                    event["text_delta"],
+                    event.get("logprobs"),
+                    finish,
+                    delta=True,
+                    text_offset=offsets[i],
                 )
+                offsets[i] = next_text_offset(body, offsets[i])
                 yield sse_data(head | {"choices": [body]})
             if include_usage:
                 yield sse_data(head | {"choices": [], "usage": usage(choices)})
