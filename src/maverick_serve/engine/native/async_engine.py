@@ -57,9 +57,9 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs reach each caller loop in one callback. One wake-up per step instead of
-        one per sequence: each wake-up is a socket write whose released GIL the caller loop takes,
-        so with 16 sequences the engine loop waited for the GIL up to 16 times a step."""
+        """A step's outputs reach each caller loop in one callback: one wake-up per step instead of
+        one per sequence. Each wake-up is a socket write that releases the GIL, and the woken
+        caller loop takes it, so the engine loop may wait to win it back after every one."""
         per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], RequestOutput]]] = {}
         with self._lock:
             for out in outputs:
