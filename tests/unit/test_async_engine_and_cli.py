@@ -13,7 +13,7 @@ from maverick_serve.cli import main
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.native.async_engine import AsyncEngine
 from maverick_serve.engine.native.engine import NativeEngine
-from maverick_serve.engine.types import EngineRequest, InvalidRequestError, SamplingParams
+from maverick_serve.engine.types import EngineDeadError, EngineRequest, InvalidRequestError, SamplingParams
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -91,6 +91,35 @@ def test_a_step_wakes_each_caller_loop_once(engine: NativeEngine) -> None:
     assert all(len(tokens) == 6 for tokens in results)
     # 8 streams × 6 tokens = 48 deliveries; one wake-up per step that produced outputs.
     assert 6 <= wakeups <= steps < 48
+
+
+def test_a_crashed_engine_loop_fails_every_waiting_stream(engine: NativeEngine) -> None:
+    """A step that raises stops the loop; each stream in flight gets EngineDeadError, none hangs."""
+
+    def broken_step() -> list[Any]:
+        raise RuntimeError("boom")
+
+    engine.step = broken_step  # type: ignore[method-assign]
+    runner = AsyncEngine(engine)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def one(i: int) -> BaseException | None:
+        try:
+            async for _ in runner.generate(EngineRequest(str(i), _prompt(8, i), params.model_copy())):
+                pass
+        except EngineDeadError as exc:
+            return exc
+        return None
+
+    async def all_of_them() -> list[BaseException | None]:
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(3))), 30)
+
+    try:
+        errors = asyncio.run(all_of_them())
+    finally:
+        runner.shutdown()
+    assert all(isinstance(e, EngineDeadError) and "boom" in str(e) for e in errors), errors
+    assert isinstance(runner.error, RuntimeError)
 
 
 def test_a_slow_consumer_gets_merged_deltas_with_every_token(engine: NativeEngine) -> None:

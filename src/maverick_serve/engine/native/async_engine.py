@@ -48,27 +48,19 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """(request id, output or error) pairs reach each caller loop in one callback: one wake-up
+        per step instead of one per sequence. Each wake-up is a socket write that releases the
+        GIL, and the woken caller loop takes it, so the engine loop may wait to win it back."""
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
         with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody listens
-                loop.call_soon_threadsafe(q.put_nowait, item)
-
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs reach each caller loop in one callback: one wake-up per step instead of
-        one per sequence. Each wake-up is a socket write that releases the GIL, and the woken
-        caller loop takes it, so the engine loop may wait to win it back after every one."""
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], RequestOutput]]] = {}
-        with self._lock:
-            for out in outputs:
-                target = self._streams.get(out.request_id)
+            for request_id, item in items:
+                target = self._streams.get(request_id)
                 if target is not None:
-                    per_loop.setdefault(target[0], []).append((target[1], out))
-        for loop, items in per_loop.items():
+                    per_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in per_loop.items():
             with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody listens
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, batch)
 
     def _run(self) -> None:
         try:
@@ -82,14 +74,13 @@ class AsyncEngine:
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished_requests():
-                    self._deliver_step(self.engine.step())
+                    self._deliver([(out.request_id, out) for out in self.engine.step()])
                 self._maybe_report_stats()
         except BaseException as exc:  # surface the crash to every waiting caller
             self._error = exc
             with self._lock:
                 ids = list(self._streams)
-            for rid in ids:
-                self._deliver(rid, EngineDeadError(f"engine loop stopped: {exc!r}"))
+            self._deliver([(rid, EngineDeadError(f"engine loop stopped: {exc!r}")) for rid in ids])
 
     @property
     def error(self) -> BaseException | None:
@@ -169,6 +160,6 @@ class AsyncEngine:
         self._thread.join(timeout=timeout_s)
 
 
-def _put_all(items: list[tuple[asyncio.Queue[Any], RequestOutput]]) -> None:
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
     for q, item in items:
         q.put_nowait(item)
