@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 from maverick_serve.config.model import ModelSpec
+from maverick_serve.engine.cache_view import CacheView
 from maverick_serve.engine.types import EngineRequest, EngineStats, RequestOutput
 
 
@@ -78,3 +79,8 @@ class ServingEngine(ABC):
 
     @abstractmethod
     def shutdown(self) -> None: ...
+
+    def cache_view(self) -> CacheView | None:
+        """The native engine's prefix cache and KV-tier connector as the replica reports them;
+        None where the backend keeps them to itself (routers then balance by load alone)."""
+        return None

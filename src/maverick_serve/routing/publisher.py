@@ -20,8 +20,7 @@ from collections import deque
 from typing import Any
 
 from maverick_serve.engine.base import ServingEngine
-from maverick_serve.engine.native.engine import NativeEngine
-from maverick_serve.model.attention import GLOBAL_GROUP
+from maverick_serve.engine.cache_view import CacheView
 from maverick_serve.routing.cost import block_key
 from maverick_serve.routing.hub import ReplicaStateHub
 
@@ -98,23 +97,20 @@ class StatePublisher:
         engine: ServingEngine,
         channel: StateChannel,
         interval_s: float,
-        cache: NativeEngine | None = None,
+        cache: CacheView | None = None,
     ) -> None:
-        """`engine` gives the load; `cache`, the native engine whose prefix-cache and tier events
-        are reported (None: load only, so routers balance this replica by load alone)."""
+        """`engine` gives the load; `cache`, the native engine's caches whose prefix-cache and tier
+        events are reported (None: load only, so routers balance this replica by load alone)."""
         self.replica = replica
         self.engine = engine
         self.cache = cache
         self.channel = channel
         self.interval_s = interval_s
         self.events: deque[tuple[bool, bytes]] = (
-            cache.kv.enable_cache_events(EVENTS_MAXLEN) if cache is not None else deque()
+            cache.cache_events(EVENTS_MAXLEN) if cache is not None else deque()
         )
-        self.tier_events: deque[bytes] | None = None
-        self.tier_shared = True
-        if cache is not None and cache.kv_connector is not None:
-            self.tier_events = cache.kv_connector.tier_events = deque(maxlen=EVENTS_MAXLEN)
-            self.tier_shared = cache.kv_connector.shared
+        self.tier_events = cache.tier_events(EVENTS_MAXLEN) if cache is not None else None
+        self.tier_shared = cache.tier_shared if cache is not None else True
         self.need_reset = True
         self.hub_epoch: str | None = None
         self.stop = threading.Event()
@@ -143,7 +139,7 @@ class StatePublisher:
             tier = [block_key(self.tier_events.popleft()) for _ in range(len(self.tier_events))]
         reset = self.need_reset
         if reset:  # the full prefix cache instead of the events
-            pool_keys = list(self.cache.kv.pools[GLOBAL_GROUP].cached) if self.cache is not None else []
+            pool_keys = self.cache.cached_blocks() if self.cache is not None else []
             stored = dict.fromkeys(block_key(h) for h in pool_keys)
             evicted = {}
         return {

@@ -21,7 +21,6 @@ from opentelemetry import trace
 from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.engine.inputs import InputProcessor
-from maverick_serve.engine.native.serving import NativeServingEngine
 from maverick_serve.engine.types import (
     EngineDeadError,
     EngineRequest,
@@ -120,18 +119,18 @@ class EngineServer:
 
         self.engine = load_serving_engine(model_dir, cfg, on_stats=keep_stats)
         # The native engine's own KV cache: prefix-cache events for the hub, the tier connector.
-        self.native = self.engine.native if isinstance(self.engine, NativeServingEngine) else None
+        self.cache = self.engine.cache_view()
         self.inputs = InputProcessor.from_pretrained(model_dir, self.engine.spec, cfg.engine)
         # vLLM backend: the tier connector stores from vLLM's worker process; this replica only
         # looks keys up, to know when a prefill's KV has landed (the P/D hand-off).
         self.tier_lookup: KVTierClient | None = None
-        if self.native is None and cfg.kvtier.enabled:
+        if self.cache is None and cfg.kvtier.enabled:
             self.tier_lookup = KVTierClient(make_store(cfg.kvtier), None, 1, cfg.kvtier.breaker)
         self.publisher: StatePublisher | None = None
         if hub is not None:  # report load and cache contents to the routers
             channel = hub if isinstance(hub, StateChannel) else HandleStateChannel(hub)
             interval = cfg.router.routing.state_interval_s
-            self.publisher = StatePublisher(self.replica, self.engine, channel, interval, self.native).start()
+            self.publisher = StatePublisher(self.replica, self.engine, channel, interval, self.cache).start()
         logger.info(
             "engine replica %s ready: %s backend, %s, max_model_len %d",
             self.replica,
@@ -213,8 +212,8 @@ class EngineServer:
     async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
         """Prefill role: compute the prompt, store its KV in the tier, return once it is stored.
         The one sampled token is dropped; the decode replica samples the first token itself."""
-        connector = self.native.kv_connector if self.native is not None else None
-        if connector is None and self.tier_lookup is None:
+        cache = self.cache if self.cache is not None and self.cache.has_tier else None
+        if cache is None and self.tier_lookup is None:
             return error_event(503, "prefill replica has no KV tier to hand the prompt over")
         work = EngineWorkItem.model_validate(item)
         work.sampling = work.sampling.model_copy(update={"max_tokens": 1, "stop": [], "logprobs": None})
@@ -225,8 +224,8 @@ class EngineServer:
         if "error" in last:
             return last
         stored = time.monotonic()
-        if connector is not None:
-            await asyncio.to_thread(connector.flush)
+        if cache is not None:
+            await asyncio.to_thread(cache.flush_tier, HANDOFF_TIMEOUT_S)
         else:  # vLLM: wait (bounded) until the keys of the prompt's last stored step are there
             await self._landed(last.get("tier_keys") or [], HANDOFF_TIMEOUT_S)
         record_span("kvtier.store", stored, time.monotonic(), {"maverick.tokens": len(work.prompt_token_ids)})
