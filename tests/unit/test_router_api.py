@@ -59,13 +59,15 @@ class Api:
         return self.loop.run_until_complete(self.client.get(path))
 
 
-@pytest.fixture(scope="module")
-def api(tiny_model: Path) -> Iterator[Api]:
+# Every test runs against the engine stepped in the replica and in its own process.
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-in-replica", "engine-process"])
+def api(tiny_model: Path, request: pytest.FixtureRequest) -> Iterator[Api]:
+    engine = {"kv_cache_memory_gib": 0.05, "max_model_len": 4096, "separate_process": request.param}
     cfg = ClusterConfig.model_validate(
         {
             "model": {"path": str(tiny_model), "served_model_name": MODEL},
             # Every step's delta sent on its own (merging is tested below): per-token streams.
-            "engine": {"kv_cache_memory_gib": 0.05, "max_model_len": 4096, "stream_interval_s": 0},
+            "engine": {**engine, "stream_interval_s": 0},
             "router": {"max_body_bytes": 300_000, "max_image_bytes": 100_000, "max_images_per_request": 2},
         }
     ).model_dump(mode="json")

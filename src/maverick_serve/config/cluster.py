@@ -198,6 +198,15 @@ class ClusterConfig(BaseModel):
         if self.engine.backend == "vllm":
             self._check_vllm()
         if (
+            isinstance(self.engine, NativeEngineConfig)
+            and self.engine.separate_process
+            and self.experts.mode == "disaggregated"
+        ):
+            raise ValueError(
+                "engine.separate_process cannot reach the expert workers of experts.mode: disaggregated "
+                "(their Ray handles live in the replica): set engine.separate_process: false"
+            )
+        if (
             self.experts.mode == "disaggregated"
             and getattr(self.experts.transport, "compiled", False)
             and self.resources.engine.replicas > 1
