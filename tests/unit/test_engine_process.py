@@ -219,8 +219,20 @@ def test_requests_and_outputs_cross_the_wire_unchanged() -> None:
     assert isinstance(refused, InvalidRequestError) and (refused.field, refused.limit) == ("top_k", -1)
 
 
-def test_separate_process_refuses_disaggregated_experts(tiny_model: Path) -> None:
-    with pytest.raises(ValidationError, match=r"engine\.separate_process"):
-        ClusterConfig.model_validate(
-            {"model": {"path": str(tiny_model)}, "engine": ENGINE, "experts": {"mode": "disaggregated"}}
+def test_separate_process_is_on_unless_the_experts_are_disaggregated(tiny_model: Path) -> None:
+    def cluster(engine: dict[str, object], experts: str) -> ClusterConfig:
+        return ClusterConfig.model_validate(
+            {
+                "model": {"path": str(tiny_model)},
+                "engine": engine,
+                "experts": {"mode": experts},
+                "kvtier": {"enabled": False},
+            }
         )
+
+    assert cluster({}, "local").engine_in_own_process()
+    assert not cluster({}, "disaggregated").engine_in_own_process()
+    assert not cluster({"separate_process": False}, "local").engine_in_own_process()
+    assert not cluster({"backend": "vllm", "block_size": 32}, "local").engine_in_own_process()
+    with pytest.raises(ValidationError, match=r"engine\.separate_process"):
+        cluster(ENGINE, "disaggregated")

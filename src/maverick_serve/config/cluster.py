@@ -199,7 +199,7 @@ class ClusterConfig(BaseModel):
             self._check_vllm()
         if (
             isinstance(self.engine, NativeEngineConfig)
-            and self.engine.separate_process
+            and self.engine.separate_process is True
             and self.experts.mode == "disaggregated"
         ):
             raise ValueError(
@@ -246,6 +246,15 @@ class ClusterConfig(BaseModel):
                 f"engine.max_images_per_request ({self.engine.max_images_per_request})"
             )
         return self
+
+    def engine_in_own_process(self) -> bool:
+        """Whether a native engine replica steps its engine in a child process
+        (`engine.separate_process`, None resolved)."""
+        if not isinstance(self.engine, NativeEngineConfig):
+            return False
+        if self.engine.separate_process is None:
+            return self.experts.mode != "disaggregated"
+        return self.engine.separate_process
 
     def _check_vllm(self) -> None:
         """What the vLLM backend cannot do yet, refused at build time with the field to change."""

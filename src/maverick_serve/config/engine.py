@@ -83,12 +83,12 @@ class NativeEngineConfig(EngineCommonConfig):
         "through oneDNN with weights reordered once into its blocked layout: faster decode-sized matmuls "
         "than torch's default GEMM, for a second copy of those weights. Ignored on GPUs.",
     )
-    separate_process: bool = Field(
-        False,
+    separate_process: bool | None = Field(
+        None,
         description="Step the engine in a process of its own, beside the replica (as vLLM runs its "
         "EngineCore), talking JSON over a socket pair: the replica's event loop, Ray and HTTP threads "
-        "then never hold the GIL the engine loop needs. Not with experts.mode: disaggregated (the "
-        "expert workers' handles live in the replica).",
+        "then never hold the GIL the engine loop needs. None: on, except with experts.mode: "
+        "disaggregated, whose expert workers' handles live in the replica (true is refused there).",
     )
 
 

@@ -57,7 +57,7 @@ def load_serving_engine(
         # The tier connector runs inside vLLM's processes, loaded by name from this config.
         kv_transfer = kv_transfer_config(cluster.kvtier) if cluster.kvtier.enabled else None
         return VllmEngine(model_dir, engine, cluster.model.served_model_name, on_stats, interval, kv_transfer)
-    if engine.separate_process:
+    if cluster.engine_in_own_process():
         from maverick_serve.serving.engine_process.client import EngineProcessClient
 
         return EngineProcessClient(model_dir, cluster, on_stats, interval)
