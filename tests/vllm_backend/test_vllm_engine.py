@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,10 +164,14 @@ def test_a_dead_core_ends_every_request_with_engine_dead_and_fails_the_health_ch
     within a second or two as a 503 event, and Serve's health check then fails."""
     import psutil
 
+    def engine_cores() -> dict[int, psutil.Process]:
+        return {p.pid: p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()}
+
+    others = engine_cores()  # the module's servers' core lives on for the tests after this one
     server = EngineServer(_config(text_model, "vllm"), replica_name="dying")
     try:
         _run(_events(server, _item("warm", [5, 6, 7], max_tokens=2, temperature=0.0)))
-        cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
+        cores = [p for pid, p in engine_cores().items() if pid not in others]
         assert cores
 
         async def kill_under_load() -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
@@ -188,3 +193,61 @@ def test_a_dead_core_ends_every_request_with_engine_dead_and_fails_the_health_ch
             server.check_health()
     finally:
         server.shutdown()
+
+
+def test_prefix_cache_events_reach_the_replica_under_the_routers_block_keys(
+    servers: dict[str, EngineServer],
+) -> None:
+    """vLLM's BlockStored events, re-keyed: the blocks a router hashes from the same prompt."""
+    from maverick_serve.engine.block_hashes import chain_block_hashes
+
+    view = servers["vllm"].cache
+    assert view is not None and not view.has_tier
+    events = view.cache_events(10_000)
+    prompt = random.Random(7).choices(range(VOCAB_TEXT), k=100)  # 3 full blocks of 32
+    _run(_events(servers["vllm"], _item("ev", prompt, max_tokens=1, temperature=0)))
+    router_keys = chain_block_hashes(prompt, 32, [], [])
+    assert len(router_keys) == 3
+    deadline = time.monotonic() + 10
+    while not set(router_keys) <= {h for stored, h in list(events) if stored} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(router_keys) <= {h for stored, h in list(events) if stored}
+    assert set(router_keys) <= set(view.cached_blocks())
+
+
+def test_block_key_map_follows_parents_and_drops_what_it_cannot_name() -> None:
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+
+    from maverick_serve.engine.block_hashes import chain_block_hashes
+    from maverick_serve.engine.vllm.kv_events import BlockKeyMap
+
+    def stored(hashes: list[int], parent: int | None, tokens: list[int], **kw: Any) -> BlockStored:
+        return BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=parent,
+            token_ids=tokens,
+            block_size=4,
+            lora_id=None,
+            medium="GPU",
+            lora_name=None,
+            **kw,
+        )
+
+    keys = BlockKeyMap(4)
+    tokens = list(range(12))
+    ours = chain_block_hashes(tokens, 4, [], [])
+    full = {"group_idx": 1, "kv_cache_spec_kind": "full_attention"}
+    assert keys.apply(stored([10, 11], None, tokens[:8], **full)) == [(True, ours[0]), (True, ours[1])]
+    assert keys.apply(stored([12], 11, tokens[8:], **full)) == [(True, ours[2])]  # extends its parent
+    chunked = {"group_idx": 0, "kv_cache_spec_kind": "chunked_local_attention"}
+    assert keys.apply(stored([20], None, tokens[:4], **chunked)) == []  # not the group routers match
+    assert keys.apply(stored([30], 99, tokens[:4], **full)) == []  # a parent we never saw
+    assert keys.apply(stored([40, 41], None, tokens[:8], extra_keys=[None, ("mm", "x", 0)], **full)) == [
+        (True, ours[0])
+    ]  # an image's block and what follows it are keyed by what we cannot see
+    assert keys.apply(BlockRemoved(block_hashes=[20], medium="GPU", group_idx=0)) == []
+    assert keys.apply(BlockRemoved(block_hashes=[12, 77], medium="GPU", group_idx=1)) == [(False, ours[2])]
+    assert sorted(keys.apply(AllBlocksCleared())) == sorted(
+        [(False, ours[0]), (False, ours[1]), (False, ours[0])]
+    )
+    assert keys.ours == {}

@@ -118,6 +118,7 @@ VLLM_ARGS_FROM_CONFIG = frozenset(
         "enforce_eager",
         "distributed_executor_backend",
         "kv_transfer_config",
+        "kv_events_config",
         "disable_log_stats",
     }
 )

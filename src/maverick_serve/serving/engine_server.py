@@ -124,7 +124,7 @@ class EngineServer:
         # vLLM backend: the tier connector stores from vLLM's worker process; this replica only
         # looks keys up, to know when a prefill's KV has landed (the P/D hand-off).
         self.tier_lookup: KVTierClient | None = None
-        if self.cache is None and cfg.kvtier.enabled:
+        if cfg.kvtier.enabled and (self.cache is None or not self.cache.has_tier):
             self.tier_lookup = KVTierClient(make_store(cfg.kvtier), None, 1, cfg.kvtier.breaker)
         self.publisher: StatePublisher | None = None
         if hub is not None:  # report load and cache contents to the routers

@@ -21,8 +21,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from vllm.v1.engine.exceptions import EngineGenerateError
 from maverick_serve.config.engine import VllmEngineConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.base import ServingEngine
+from maverick_serve.engine.cache_view import CacheView
 from maverick_serve.engine.request_checks import check_request
 from maverick_serve.engine.types import (
     EngineDeadError,
@@ -47,6 +50,7 @@ from maverick_serve.engine.types import (
     RequestTiming,
     Usage,
 )
+from maverick_serve.engine.vllm.kv_events import VllmCacheView, kv_events_config
 from maverick_serve.engine.vllm.sampling import finish_reason, token_logprobs, vllm_sampling
 from maverick_serve.engine.vllm.stats import CollectingStatLogger, StatsCollector
 
@@ -63,8 +67,10 @@ def engine_args(
     spec: ModelSpec,
     on_gpu: bool,
     kv_transfer: dict[str, Any] | None = None,
+    kv_events_endpoint: str | None = None,
 ) -> AsyncEngineArgs:
-    """AsyncEngineArgs from our config; `engine_args` keys that vLLM does not know are refused."""
+    """AsyncEngineArgs from our config; `engine_args` keys that vLLM does not know are refused.
+    With `kv_events_endpoint` vLLM publishes its prefix-cache events there (`kv_events`)."""
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(config.engine_args) - known)
     if unknown:
@@ -97,6 +103,8 @@ def engine_args(
     }
     if kv_transfer is not None:  # the KV tier's connector (built by the serving layer)
         kwargs["kv_transfer_config"] = kv_transfer
+    if kv_events_endpoint is not None:
+        kwargs["kv_events_config"] = kv_events_config(kv_events_endpoint)
     if spec.is_multimodal:
         kwargs["limit_mm_per_prompt"] = {"image": config.max_images_per_request}
     kwargs.update(config.engine_args)
@@ -121,10 +129,16 @@ class VllmEngine(ServingEngine):
         self.collector = StatsCollector()
         collector = self.collector
         started = time.monotonic()
+        # Prefix-cache events for routers, over a unix socket of this host. One publisher per
+        # data-parallel rank would need one subscriber each: with ranks, routers see load only.
+        endpoint = None
+        if config.enable_prefix_caching and config.data_parallel_size == 1:
+            endpoint = f"ipc://{tempfile.gettempdir()}/mvkv-events-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.llm = AsyncLLM.from_engine_args(
-            engine_args(Path(model_dir), config, served_model_name, self.spec, on_gpu, kv_transfer),
+            engine_args(Path(model_dir), config, served_model_name, self.spec, on_gpu, kv_transfer, endpoint),
             stat_loggers=[lambda cfg, idx: CollectingStatLogger(cfg, idx, collector)],
         )
+        self._cache_view = VllmCacheView(endpoint, config.block_size) if endpoint is not None else None
         self.collector.num_blocks = int(self.llm.vllm_config.cache_config.num_gpu_blocks or 0)
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.queued_prefill_tokens = 0  # admitted prompts whose first token is not out yet
@@ -253,8 +267,13 @@ class VllmEngine(ServingEngine):
             return None
         return self.llm.dead_error
 
+    def cache_view(self) -> CacheView | None:
+        return self._cache_view
+
     def shutdown(self) -> None:
         if self._stop.is_set():  # once: the replica's destructor may call it again at exit
             return
         self._stop.set()
         self.llm.shutdown()
+        if self._cache_view is not None:
+            self._cache_view.close()
