@@ -2,14 +2,15 @@
 subscriber to the engine core's KV-event publisher (`kv_events_config`).
 
 vLLM names blocks by its own hashes; routers match prompts against ours
-(`engine.block_hashes.chain_block_hashes`). Each `BlockStored` carries the blocks' token ids and
-the hash of the block before them, so our hash of each block is the chain over its tokens from
-our hash of that parent (kept for every block still cached); `BlockRemoved` drops blocks by
-vLLM's hash through the same map. Only the full-attention group is reported: its blocks are the
-ones a router can match a whole prefix against (the chunked-attention group keeps only recent
-chunks). Blocks hashed with extra keys (images, LoRA, cache salt) are not reported, nor blocks
-after them: their key mixes in what our hash cannot see. Events lost to the publisher's
-high-water mark only make the router's view drift until blocks are stored again.
+(`engine.block_hashes.chain_block_hashes`, one `next_block_hash` per block). Each `BlockStored`
+carries the blocks' token ids and the hash of the block before them, so our hash of each block
+is the next link over its tokens from our hash of that parent (kept for every block still
+cached); `BlockRemoved` drops blocks by vLLM's hash through the same map. Only the full-
+attention group is reported: its blocks are the ones a router can match a whole prefix against
+(the chunked-attention group keeps only recent chunks). Blocks hashed with extra keys (images,
+LoRA, cache salt) are not reported, nor blocks after them: their key mixes in what our hash
+cannot see. Events lost to the publisher's high-water mark only make the router's view drift
+until blocks are stored again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import msgspec
 import zmq
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
-from maverick_serve.engine.block_hashes import chain_block_hashes
+from maverick_serve.engine.block_hashes import next_block_hash
 from maverick_serve.engine.cache_view import CacheView
 
 logger = logging.getLogger(__name__)
@@ -66,24 +67,18 @@ class BlockKeyMap:
             self.group = event.group_idx
         if event.block_size != self.block_size or event.lora_name is not None or event.lora_id is not None:
             return []
-        parent: list[bytes] = []
+        parent: bytes | None = None
         if event.parent_block_hash is not None:
-            known = self.ours.get(event.parent_block_hash)
-            if known is None:  # its parent is not ours to name: neither is it
+            parent = self.ours.get(event.parent_block_hash)
+            if parent is None:  # its parent is not ours to name: neither is it
                 return []
-            parent = [known]
         out = []
         for i, vllm_hash in enumerate(event.block_hashes):
             if event.extra_keys and event.extra_keys[i]:
                 break
             tokens = event.token_ids[i * self.block_size : (i + 1) * self.block_size]
-            # chain_block_hashes over one block, extending the parent's hash: [parent, this].
-            ours = chain_block_hashes(
-                [0] * len(parent) * self.block_size + tokens, self.block_size, parent, []
-            )[-1]
-            self.ours[vllm_hash] = ours
-            out.append((True, ours))
-            parent = [ours]
+            parent = self.ours[vllm_hash] = next_block_hash(parent, tokens)
+            out.append((True, parent))
         return out
 
 
@@ -95,12 +90,10 @@ class VllmCacheView(CacheView):
     tier_shared = True
 
     def __init__(self, endpoint: str, block_size: int) -> None:
-        self.endpoint = endpoint
         self.keys = BlockKeyMap(block_size)
         self._lock = threading.Lock()
         self._events: deque[tuple[bool, bytes]] | None = None
         self._stop = threading.Event()
-        self.batches = 0
         self._thread = threading.Thread(target=self._run, name="vllm-kv-events", daemon=True)
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
@@ -125,7 +118,6 @@ class VllmCacheView(CacheView):
                 logger.exception("vLLM KV events: a batch could not be decoded; skipped")
                 continue
             with self._lock:
-                self.batches += 1
                 ours = [e for event in batch.events for e in self.keys.apply(event)]
                 if self._events is not None:
                     self._events.extend(ours)

@@ -22,8 +22,8 @@ from typing import Any
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.engine.native.engine import NativeEngine
+from maverick_serve.engine.native.serving import LocalCacheView
 from maverick_serve.engine.types import RequestOutput
-from maverick_serve.model.attention import GLOBAL_GROUP
 from maverick_serve.serving.engine_factory import load_native_engine
 from maverick_serve.serving.engine_process.wire import (
     decode,
@@ -40,6 +40,7 @@ IDLE_WAIT_S = 0.05
 class EngineCore:
     def __init__(self, engine: NativeEngine, conn: Connection, stats_interval_s: float) -> None:
         self.engine = engine
+        self.view = LocalCacheView(engine)  # what the replica's ProcessCacheView mirrors
         self.conn = conn
         self.stats_interval_s = stats_interval_s
         self._last_stats = 0.0
@@ -55,13 +56,12 @@ class EngineCore:
                 self.conn.send_bytes(frame)
 
     def ready(self) -> None:
-        connector = self.engine.kv_connector
         self.send(
             {
                 "t": "ready",
                 "max_model_len": self.engine.max_model_len,
-                "has_tier": connector is not None,
-                "tier_shared": connector.shared if connector is not None else True,
+                "has_tier": self.view.has_tier,
+                "tier_shared": self.view.tier_shared,
                 "load": self.engine.load_report(),
             }
         )
@@ -104,21 +104,16 @@ class EngineCore:
         return True
 
     def call(self, call_id: int, fn: str, args: dict[str, Any]) -> None:
-        engine = self.engine
-        connector = engine.kv_connector
         value: Any = None
         try:
             if fn == "stats":
-                value = engine.stats().model_dump(mode="json")
+                value = self.engine.stats().model_dump(mode="json")
             elif fn == "cache_events":
-                self._events = engine.kv.enable_cache_events(int(args["maxlen"]))
+                self._events = self.view.cache_events(int(args["maxlen"]))
             elif fn == "tier_events":
-                if connector is not None:
-                    if connector.tier_events is None:
-                        connector.tier_events = deque(maxlen=int(args["maxlen"]))
-                    self._tier_events = connector.tier_events
+                self._tier_events = self.view.tier_events(int(args["maxlen"]))
             elif fn == "cached_blocks":
-                value = [h.hex() for h in engine.kv.pools[GLOBAL_GROUP].cached]
+                value = [h.hex() for h in self.view.cached_blocks()]
             elif fn == "flush_tier":
                 # Waits on the tier's writer, not on the engine: the loop goes on stepping.
                 threading.Thread(
@@ -134,8 +129,7 @@ class EngineCore:
 
     def _flush(self, call_id: int, timeout_s: float) -> None:
         try:
-            if self.engine.kv_connector is not None:
-                self.engine.kv_connector.flush(timeout_s)
+            self.view.flush_tier(timeout_s)
         except Exception as exc:
             self.send({"t": "reply", "id": call_id, "error": error_to_wire(exc)})
         else:
