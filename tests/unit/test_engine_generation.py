@@ -255,6 +255,52 @@ def test_token_outside_vocab_refused(tiny_model: Path) -> None:
         _engine(tiny_model).add_request(EngineRequest("x", [1, 2, 5000]))
 
 
+def test_batched_decode_layout_equals_the_per_sequence_one(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode part built in batched ops addresses the same slots with the same masks as the
+    general per-sequence path, across block and attention-chunk boundaries (chunk 64 here)."""
+    engine = _engine(tiny_model)
+    runner = engine.runner
+    general = type(runner).build_batch
+    compared: list[int] = []
+
+    def both(self: object, chunks: list, all_logits: bool = False) -> object:
+        fast = general(runner, chunks, all_logits)
+        with monkeypatch.context() as m:
+            m.setattr(type(runner), "_decodes_batchable", lambda *_: False)
+            slow = general(runner, chunks, all_logits)
+        (fb, fids, _), (sb, sids, _) = fast, slow
+        assert fids.tolist() == sids.tolist()
+        assert fb.positions.tolist() == sb.positions.tolist()
+        assert fb.logits_index.tolist() == sb.logits_index.tolist()
+        for g in (CHUNKED_GROUP, GLOBAL_GROUP):
+            assert fb.slot_mapping[g].tolist() == sb.slot_mapping[g].tolist(), g
+        for fp, sp in zip(fb.parts, sb.parts, strict=True):
+            assert (fp.row_start, fp.row_end, fp.num_seqs, fp.max_query_len) == (
+                sp.row_start,
+                sp.row_end,
+                sp.num_seqs,
+                sp.max_query_len,
+            )
+            assert fp.query_pad_index.tolist() == sp.query_pad_index.tolist()
+            for g in (CHUNKED_GROUP, GLOBAL_GROUP):
+                f, s = fp.groups[g], sp.groups[g]
+                assert f.mask is not None and s.mask is not None
+                assert torch.equal(f.mask, s.mask), g
+                # Padding slots may differ in value; only where the mask lets keys in must they agree.
+                keep = s.mask[:, 0].any(dim=1)
+                assert torch.equal(f.gather_index[keep], s.gather_index[keep]), g
+        compared.append(sum(c.num_tokens == 1 for c in chunks))
+        return fast
+
+    monkeypatch.setattr(type(runner), "build_batch", both)
+    lengths = [60, 63, 64, 65, 127, 31]  # decodes start on both sides of block and chunk ends
+    reqs = [EngineRequest(str(n), _prompt(n, n), GREEDY.model_copy()) for n in lengths]
+    _drain(engine, {0: reqs[:4], 5: reqs[4:]})
+    assert max(compared) == len(lengths)  # steps where every request decoded were compared
+
+
 def test_blockwise_attention_generation_equals_dense(tiny_model: Path) -> None:
     prompts = [_prompt(n, n) for n in (150, 400)]
     dense = _engine(tiny_model)

@@ -61,6 +61,12 @@ class ModelRunner:
         parts: list[AttentionPart] = []
         row = 0
         for members in part_order:
+            if members is decodes and self._decodes_batchable(chunks, members):
+                part = self._decode_part(chunks, members, row, ids, positions, slots)
+                first_row.update((i, row + b) for b, i in enumerate(members))
+                parts.append(part)
+                row = part.row_end
+                continue
             qmax = max(chunks[i].num_tokens for i in members)
             part_start = row
             pad_index: list[torch.Tensor] = []
@@ -107,6 +113,66 @@ class ModelRunner:
             logits_index=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return batch, torch.tensor(ids, dtype=torch.long, device=self.device), images
+
+    def _decodes_batchable(self, chunks: list[ScheduledChunk], members: list[int]) -> bool:
+        """Every member is a decode in the strict sense (its one query is past any image patch)
+        and no global key range needs the block-wise path: one batched layout covers them."""
+        for i in members:
+            c = chunks[i]
+            patches = c.seq.patch_positions
+            if patches.numel() and int(patches[-1]) >= c.start:
+                return False
+            if c.end > self.key_block:
+                return False
+        return True
+
+    def _decode_part(
+        self,
+        chunks: list[ScheduledChunk],
+        members: list[int],
+        row: int,
+        ids: list[int],
+        positions: list[torch.Tensor],
+        slots: dict[str, list[torch.Tensor]],
+    ) -> AttentionPart:
+        """The decode part in a handful of batched ops instead of a dozen small ones per sequence:
+        the same gather index, new-token slots and masks as the general path (queries of length
+        1 see every key of their range, so the mask is key index < key count)."""
+        bs = self.block_size
+        n = len(members)
+        ends = [chunks[i].end for i in members]
+        for i in members:  # the token at each query's position, without joining prompt + output
+            seq, at = chunks[i].seq, chunks[i].start
+            prompt = seq.request.prompt_token_ids
+            ids.append(prompt[at] if at < len(prompt) else seq.output_ids[at - len(prompt)])
+        positions.append(torch.tensor([e - 1 for e in ends], dtype=torch.long))
+        groups: dict[str, GroupBatch] = {}
+        for group in GROUPS:
+            kstarts = [self.kv.chunk_start(e - 1) if group == CHUNKED_GROUP else 0 for e in ends]
+            tables = []
+            for i, kstart, end in zip(members, kstarts, ends, strict=True):
+                held = chunks[i].seq.blocks.tables[group][kstart // bs : (end + bs - 1) // bs]
+                assert all(b is not None for b in held), "positions outside the held blocks"
+                tables.append(held)
+            width = max(len(t) for t in tables)
+            blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+            flat = (blocks[:, :, None] * bs + torch.arange(bs)).reshape(n, width * bs)
+            # Key ranges start on a block boundary (block_size divides attention_chunk_size).
+            counts = torch.tensor([e - k for k, e in zip(kstarts, ends, strict=True)], dtype=torch.long)
+            kmax = int(counts.max())
+            j = torch.arange(kmax)
+            valid = j[None, :] < counts[:, None]
+            gather = flat[:, :kmax].masked_fill(~valid, 0)
+            slots[group].append(gather[torch.arange(n), counts - 1])
+            groups[group] = GroupBatch(gather.to(self.device), valid[:, None, None, :].to(self.device))
+        return AttentionPart(
+            row_start=row,
+            row_end=row + n,
+            query_pad_index=torch.arange(n, device=self.device),
+            num_seqs=n,
+            max_query_len=1,
+            groups=groups,
+        )
 
     def _group_batch(
         self, group: str, items: list[tuple[torch.Tensor, torch.Tensor, int]], qmax: int
