@@ -218,7 +218,16 @@ def test_dead_replica_before_first_token_is_retried_and_no_stream_hangs(tiny_mod
                 return {"status": status, "chunks": chunks, "error": error}
 
             tasks = [asyncio.create_task(stream(i)) for i in range(10)]
-            await asyncio.sleep(0.3)  # some requests run, the rest wait in the engines' queues
+            # Kill once replica-0 runs some and holds others waiting: a fixed sleep let a fast
+            # moment drain its queue first, leaving nothing to retry.
+            engine = cluster.replicas.servers["replica-0"].engine
+            for _ in range(400):
+                load = engine.load_report()
+                if load.get("running", 0) >= 1 and load.get("waiting", 0) >= 1:
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                pytest.fail(f"replica-0 never held waiting requests: {engine.load_report()}")
             cluster.replicas.kill("replica-0")
             results = await asyncio.wait_for(asyncio.gather(*tasks), 120)  # nobody hangs
             return list(results), cluster.router.dispatcher.metrics.stats
