@@ -11,6 +11,7 @@ from maverick_serve.bench.commands import add_bench_parsers
 from maverick_serve.cli_common import (
     CLIError,
     batch_sizes,
+    default_engine_cores,
     default_engine_threads,
     default_tiny_model,
     positive,
@@ -108,6 +109,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     if isinstance(engine, NativeEngineConfig) and engine.device == "cpu" and engine.num_threads is None:
         # Split the cores between engine replicas instead of letting each take all of them.
         engine = engine.model_copy(update={"num_threads": default_engine_threads(resources.engine.replicas)})
+    if (
+        isinstance(engine, NativeEngineConfig)
+        and engine.device == "cpu"
+        and engine.cpu_cores is None
+        and not args.no_pin_cores
+    ):
+        cores = default_engine_cores()
+        if cores is not None and (engine.num_threads or 1) <= len(cores):
+            engine = engine.model_copy(update={"cpu_cores": cores})
     config = config.model_validate(
         {**config.model_dump(), **updates, "resources": resources, "http": http, "engine": engine}
     )
@@ -246,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dashboard-port", type=int, default=None, help="Ray dashboard port (default 8265)")
     up.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default 8080)")
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the engines")
+    up.add_argument(
+        "--no-pin-cores",
+        action="store_true",
+        help="on CPU, leave engine.cpu_cores unset: engines share every core with Ray and the routers "
+        "(default: engines on the cores less the first, the rest of the stack on the first)",
+    )
     up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="applications, deployments and replica states of a running cluster")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ class RunningCluster:
     model_dir: Path
     config: dict
     log: Path
+    pid: int  # the `up` process; Ray and the replicas run in its session
 
 
 @contextlib.contextmanager
@@ -30,7 +32,11 @@ def launch_cluster(
 ) -> Iterator[RunningCluster]:
     """`maverick-serve up --config` in its own session, ready when /ready answers 200."""
     with run_up(config, root, env) as up:
-        yield RunningCluster(up.api_url, up.dashboard_url, up.metrics_url, model_dir, config, up.log)
+        # /ready answers a moment before `up` prints its banner, which tests read.
+        deadline = time.monotonic() + 30
+        while "Ctrl-C stops the cluster" not in up.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield RunningCluster(up.api_url, up.dashboard_url, up.metrics_url, model_dir, config, up.log, up.pid)
 
 
 # One cluster for the API modules (test_openai_api, test_openapi_fuzz), torn down after the e2e

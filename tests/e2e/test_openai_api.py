@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -316,6 +317,42 @@ def test_request_id_echoed(cluster: Any) -> None:
 def test_up_log_shows_urls(cluster: Any) -> None:
     text = Path(cluster.log).read_text()
     assert "API:" in text and "Ray dashboard:" in text
+
+
+def _session_processes(sid: int, needle: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            # Engine processes start sessions of their own; their replica is in up's.
+            if needle in cmd and sid in (os.getsid(int(entry.name)), os.getsid(parent)):
+                pids.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+def test_engine_processes_get_cores_the_rest_of_the_stack_keeps_off(cluster: Any) -> None:
+    """`up` on CPU: engine.cpu_cores = the cores less the first; Ray (so every worker) on the first;
+    each engine process claims one core of its own (num_threads 1) or, none left, floats over them."""
+    cores = sorted(os.sched_getaffinity(cluster.pid) | os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one core: nothing to partition")
+    first, engine_cores = cores[0], set(cores[1:])
+    assert os.sched_getaffinity(cluster.pid) == {first}
+    engines = _session_processes(os.getsid(cluster.pid), "maverick_serve.serving.engine_process.core")
+    masks = [os.sched_getaffinity(pid) for pid in engines]
+    assert len(masks) == 2, masks  # the cluster's two engine replicas
+    pinned = [m for m in masks if len(m) == 1 and m <= engine_cores]
+    assert len(pinned) == min(2, len(engine_cores)), masks
+    assert len({min(m) for m in pinned}) == len(pinned), f"two engines on one core: {masks}"
+    for m in masks:
+        if m not in pinned:
+            assert m == engine_cores | {first}, masks
+    assert f"engines on CPU cores {sorted(engine_cores)}" in Path(cluster.log).read_text()
 
 
 def test_engine_stats_reach_prometheus(cluster: Any, client: openai.OpenAI) -> None:

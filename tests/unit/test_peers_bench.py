@@ -15,6 +15,7 @@ from maverick_serve.bench.peers_bench import (
     format_table,
     serve_runtime,
     stack_config,
+    up_args,
 )
 from maverick_serve.config.cluster import ClusterConfig
 
@@ -95,6 +96,8 @@ def test_serve_runtime_variants_become_config_sections(tmp_path: Path) -> None:
     cfg = stack_config(tmp_path, "native", Workload(), "haproxy")
     ClusterConfig.model_validate(cfg)  # the row's config is a valid cluster
     assert cfg["serve_runtime"]["ingress"] == "haproxy"
+    assert serve_runtime("proxy/unpinned") == serve_runtime("proxy")
+    assert up_args("proxy/unpinned") == ["--no-pin-cores"] and up_args("proxy") == []
 
 
 @pytest.mark.parametrize("bad", ["nginx", "proxy/fast"])

@@ -120,12 +120,18 @@ def vllm_serve(vllm_python: Path, model: Path, w: Workload, workdir: Path) -> It
 
 
 def serve_runtime(variant: str) -> dict[str, Any]:
-    """`proxy`, `direct/plain`, ... as a serve_runtime section."""
+    """`proxy`, `direct/plain`, `proxy/unpinned` ... as a serve_runtime section (unpinned is
+    `up --no-pin-cores`: see `up_args`)."""
     ingress, _, flavour = variant.partition("/")
     modes = get_args(ServeRuntimeConfig.model_fields["ingress"].annotation)  # the config's own list
-    if ingress not in modes or flavour not in ("", "plain"):
-        raise ValueError(f"serve runtime {variant!r}: want {'|'.join(modes)}, optionally /plain")
+    if ingress not in modes or flavour not in ("", "plain", "unpinned"):
+        raise ValueError(f"serve runtime {variant!r}: want {'|'.join(modes)}, optionally /plain or /unpinned")
     return {"ingress": ingress, "throughput_optimized": flavour != "plain"}
+
+
+def up_args(variant: str) -> list[str]:
+    """`up` flags of a variant: /unpinned lets the engine share every core with the rest of the stack."""
+    return ["--no-pin-cores"] if variant.endswith("/unpinned") else []
 
 
 def stack_config(model: Path, backend: str, w: Workload, variant: str = "proxy") -> dict[str, Any]:
@@ -147,7 +153,8 @@ def stack_config(model: Path, backend: str, w: Workload, variant: str = "proxy")
 def our_stack(
     model: Path, backend: str, w: Workload, workdir: Path, python: Path | None, variant: str
 ) -> Iterator[str]:
-    with run_up(stack_config(model, backend, w, variant), workdir, ready_timeout_s=600, python=python) as up:
+    config = stack_config(model, backend, w, variant)
+    with run_up(config, workdir, ready_timeout_s=600, python=python, extra_args=up_args(variant)) as up:
         yield up.api_url
 
 

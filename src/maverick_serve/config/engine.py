@@ -77,6 +77,15 @@ class NativeEngineConfig(EngineCommonConfig):
         description="torch intra-op threads on CPU; None leaves torch's default (`maverick-serve up` "
         "on CPU sets the cores less one, split between engine replicas).",
     )
+    cpu_cores: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="CPU cores this host's native engines share out: each engine claims num_threads "
+        "of them (1 when num_threads is None) through a lock file per core, so engine replicas on "
+        "one host never overlap, and pins its thread and torch's pool there; an engine that finds "
+        "too few free runs unpinned. None: not pinned (`maverick-serve up` on CPU sets the cores "
+        "less the first, and keeps Ray and the rest of the stack on the first). Ignored on GPUs.",
+    )
     cpu_weight_prepack: bool = Field(
         True,
         description="On CPU, run the text stack's linear layers (q/k/v and gate/up fused) and local experts "
@@ -90,6 +99,20 @@ class NativeEngineConfig(EngineCommonConfig):
         "then never hold the GIL the engine loop needs. None: on, except with experts.mode: "
         "disaggregated, whose expert workers' handles live in the replica (true is refused there).",
     )
+
+    @model_validator(mode="after")
+    def _check_cpu_cores(self) -> NativeEngineConfig:
+        cores = self.cpu_cores
+        if cores is None:
+            return self
+        if len(set(cores)) != len(cores):
+            raise ValueError(f"engine.cpu_cores lists a core twice: {cores}")
+        if self.num_threads is not None and self.num_threads > len(cores):
+            raise ValueError(
+                f"engine.num_threads={self.num_threads} exceeds the {len(cores)} core(s) of "
+                f"engine.cpu_cores {cores}: one engine could never claim that many"
+            )
+        return self
 
 
 # AsyncEngineArgs fields that VllmEngineConfig sets itself; `engine_args` may not repeat them.

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.net import free_port
 from maverick_serve.serving.model_store import ensure_model
 
@@ -96,6 +97,18 @@ def wait_ready(api_url: str, timeout_s: float, on_wait: Any = None) -> dict[str,
     raise TimeoutError(f"the app did not become ready within {timeout_s:.0f}s (last error: {last})")
 
 
+def keep_off_engine_cores(config: ClusterConfig) -> None:
+    """With `engine.cpu_cores` set on CPU, this process (and so Ray, which it starts, and every
+    worker Ray starts) keeps to the other cores; each engine pins itself onto its claimed ones."""
+    engine = config.engine
+    if not isinstance(engine, NativeEngineConfig) or engine.device != "cpu" or not engine.cpu_cores:
+        return
+    rest = os.sched_getaffinity(0) - set(engine.cpu_cores)
+    if rest:
+        os.sched_setaffinity(0, rest)
+        print(f"engines on CPU cores {engine.cpu_cores}; Ray and the routers on {sorted(rest)}", flush=True)
+
+
 def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
     import ray
     from ray import serve
@@ -116,6 +129,7 @@ def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:
     tracing = config.observability.tracing.resolve()
     os.environ.update(tracing.environment())
     os.environ.update(config.serve_runtime.environment(http.port))
+    keep_off_engine_cores(config)
     ray.init(
         num_cpus=http.logical_cpus,
         include_dashboard=True,

@@ -79,9 +79,10 @@ def run_up(
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 300.0,
     python: Path | None = None,
+    extra_args: list[str] | None = None,
 ) -> Iterator[UpProcess]:
-    """`maverick-serve up` on `config`, under `python` (default: this interpreter; the vLLM
-    backend runs under the vllm venv's)."""
+    """`maverick-serve up` on `config` (and `extra_args`, e.g. --no-pin-cores), under `python`
+    (default: this interpreter; the vLLM backend runs under the vllm venv's)."""
     cfg_path = workdir / "cluster.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     port, dash, metrics = free_port(), free_port(), free_port()
@@ -97,7 +98,7 @@ def run_up(
         str(port),
     ]
     cmd += ["--dashboard-port", str(dash), "--metrics-port", str(metrics)]
-    cmd += ["--ready-timeout", str(int(ready_timeout_s * 0.8))]
+    cmd += ["--ready-timeout", str(int(ready_timeout_s * 0.8)), *(extra_args or [])]
     api = f"http://127.0.0.1:{port}"
     with run_server(cmd, log, f"{api}/ready", env, ready_timeout_s) as proc:
         yield UpProcess(api, f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", log, proc.pid)

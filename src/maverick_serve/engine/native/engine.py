@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.base import Engine
+from maverick_serve.engine.native.cpu_cores import CoreClaim, pin_engine_thread
 from maverick_serve.engine.native.detokenizer import IncrementalDetokenizer
 from maverick_serve.engine.native.hooks import ExpertHooks, ExpertTierFactory, KVTierFactory, KVTierHooks
 from maverick_serve.engine.native.kv_cache import GROUPS, KVCacheManager
@@ -115,6 +116,7 @@ class NativeEngine(Engine):
         # and refitting the step model over the window each time cost ~0.2-0.6 ms per request.
         self._fitted: tuple[float, dict[str, float]] = (-1.0, {})
         self._seeds = torch.Generator().manual_seed(config.seed)
+        self.cpu_claim: CoreClaim | None = None  # the cores `from_pretrained` pinned it to
 
     @classmethod
     def from_pretrained(
@@ -127,6 +129,10 @@ class NativeEngine(Engine):
         """Load the model; with an `expert_tier` the routed experts are not loaded here: they stay
         on the expert workers that the factory creates (or finds, when another replica did)."""
         config = config or NativeEngineConfig()
+        claim = None
+        if config.cpu_cores and not config.device.startswith("cuda"):
+            # Before torch's pool starts, so its threads inherit the mask.
+            claim = pin_engine_thread(config.cpu_cores, config.num_threads or 1)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         model = load_model(
@@ -137,7 +143,9 @@ class NativeEngine(Engine):
         )
         tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         tier = expert_tier(model.spec) if expert_tier is not None else None
-        return cls(model, tokenizer, config, tier, kv_tier)
+        engine = cls(model, tokenizer, config, tier, kv_tier)
+        engine.cpu_claim = claim
+        return engine
 
     # ---- requests -------------------------------------------------------------------------
     def validate(self, request: EngineRequest) -> int:
