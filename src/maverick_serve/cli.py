@@ -106,18 +106,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         http = http.model_copy(update={"metrics_export_port": args.metrics_port})
     engine = config.engine
-    if isinstance(engine, NativeEngineConfig) and engine.device == "cpu" and engine.num_threads is None:
+    if isinstance(engine, NativeEngineConfig) and engine.device == "cpu":
         # Split the cores between engine replicas instead of letting each take all of them.
-        engine = engine.model_copy(update={"num_threads": default_engine_threads(resources.engine.replicas)})
-    if (
-        isinstance(engine, NativeEngineConfig)
-        and engine.device == "cpu"
-        and engine.cpu_cores is None
-        and not args.no_pin_cores
-    ):
+        threads = engine.num_threads or default_engine_threads(resources.engine.replicas)
         cores = default_engine_cores()
-        if cores is not None and (engine.num_threads or 1) <= len(cores):
-            engine = engine.model_copy(update={"cpu_cores": cores})
+        pin = engine.cpu_cores is None and not args.no_pin_cores and cores and threads <= len(cores)
+        engine = engine.model_copy(update={"num_threads": threads, **({"cpu_cores": cores} if pin else {})})
     config = config.model_validate(
         {**config.model_dump(), **updates, "resources": resources, "http": http, "engine": engine}
     )

@@ -83,8 +83,9 @@ class NativeEngineConfig(EngineCommonConfig):
         description="CPU cores this host's native engines share out: each engine claims num_threads "
         "of them (1 when num_threads is None) through a lock file per core, so engine replicas on "
         "one host never overlap, and pins its thread and torch's pool there; an engine that finds "
-        "too few free runs unpinned. None: not pinned (`maverick-serve up` on CPU sets the cores "
-        "less the first, and keeps Ray and the rest of the stack on the first). Ignored on GPUs.",
+        "too few free floats, unpinned, over them and the cores it inherited. None: not pinned "
+        "(`maverick-serve up` on CPU sets the cores less the first, and keeps Ray and the rest of "
+        "the stack on the first). Ignored on GPUs.",
     )
     cpu_weight_prepack: bool = Field(
         True,
@@ -99,6 +100,10 @@ class NativeEngineConfig(EngineCommonConfig):
         "then never hold the GIL the engine loop needs. None: on, except with experts.mode: "
         "disaggregated, whose expert workers' handles live in the replica (true is refused there).",
     )
+
+    def pinned_cores(self) -> list[int] | None:
+        """`cpu_cores` where they apply (a CPU device), else None."""
+        return None if self.device.startswith("cuda") else self.cpu_cores
 
     @model_validator(mode="after")
     def _check_cpu_cores(self) -> NativeEngineConfig:

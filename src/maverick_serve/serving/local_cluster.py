@@ -101,12 +101,13 @@ def keep_off_engine_cores(config: ClusterConfig) -> None:
     """With `engine.cpu_cores` set on CPU, this process (and so Ray, which it starts, and every
     worker Ray starts) keeps to the other cores; each engine pins itself onto its claimed ones."""
     engine = config.engine
-    if not isinstance(engine, NativeEngineConfig) or engine.device != "cpu" or not engine.cpu_cores:
+    cores = engine.pinned_cores() if isinstance(engine, NativeEngineConfig) else None
+    if not cores:
         return
-    rest = os.sched_getaffinity(0) - set(engine.cpu_cores)
+    rest = os.sched_getaffinity(0) - set(cores)
     if rest:
         os.sched_setaffinity(0, rest)
-        print(f"engines on CPU cores {engine.cpu_cores}; Ray and the routers on {sorted(rest)}", flush=True)
+        print(f"engines on CPU cores {cores}; Ray and the routers on {sorted(rest)}", flush=True)
 
 
 def run_local(config: ClusterConfig, ready_timeout_s: float = 300.0) -> int:

@@ -129,10 +129,9 @@ class NativeEngine(Engine):
         """Load the model; with an `expert_tier` the routed experts are not loaded here: they stay
         on the expert workers that the factory creates (or finds, when another replica did)."""
         config = config or NativeEngineConfig()
-        claim = None
-        if config.cpu_cores and not config.device.startswith("cuda"):
-            # Before torch's pool starts, so its threads inherit the mask.
-            claim = pin_engine_thread(config.cpu_cores, config.num_threads or 1)
+        cores = config.pinned_cores()
+        # Before torch's pool starts, so its threads inherit the mask.
+        claim = pin_engine_thread(cores, config.num_threads or 1) if cores else None
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         model = load_model(
