@@ -1,6 +1,7 @@
-"""`serve_runtime.ingress: direct | haproxy` through `maverick-serve up` and the real `openai`
-client: who holds http.port, streamed == non-streamed, bad input still a 4xx, the request id
-echoed. (`proxy`, the default, is what every other e2e test runs on.)"""
+"""`serve_runtime.ingress: direct | haproxy` (and direct with `router.colocated`) through
+`maverick-serve up` and the real `openai` client: who holds http.port, streamed == non-streamed,
+bad input still a 4xx, the request id echoed. (`proxy`, the default, is what every other e2e
+test runs on.)"""
 
 from __future__ import annotations
 
@@ -23,19 +24,20 @@ def _listener(port: int) -> str:
     return ""
 
 
-@pytest.fixture(scope="module", params=["direct", "haproxy"])
+@pytest.fixture(scope="module", params=["direct", "haproxy", "direct/colocated"])
 def ingress_cluster(
     request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, RunningCluster]]:
-    mode = str(request.param)
+    mode, _, colocated = str(request.param).partition("/")
     config = {
         "model": {"path": str(tiny_model), "served_model_name": MODEL_NAME},
         "engine": {"kv_cache_memory_gib": 0.1, "max_model_len": 2048, "num_threads": 1},
         "resources": {"engine": {"replicas": 1, "num_cpus": 1}},
         "serve_runtime": {"ingress": mode},
+        "router": {"colocated": bool(colocated)},
     }
     with launch_cluster(tiny_model, tmp_path_factory.mktemp(f"ingress-{mode}"), config) as running:
-        yield mode, running
+        yield str(request.param), running
 
 
 def test_http_port_is_served_by_the_router_or_haproxy_not_serves_proxy(
@@ -45,6 +47,8 @@ def test_http_port_is_served_by_the_router_or_haproxy_not_serves_proxy(
     holder = _listener(int(cluster.base_url.rsplit(":", 1)[1]))
     if mode == "direct":
         assert "ServeReplica:maverick:Router" in holder, holder
+    elif mode == "direct/colocated":  # the engine replica is the router
+        assert "ServeReplica:maverick:LlamaEngine" in holder, holder
     else:
         assert "haproxy" in holder, holder
     assert "ProxyActor" not in holder

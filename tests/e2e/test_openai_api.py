@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import os
 import subprocess
 import sys
@@ -20,12 +19,11 @@ import openai
 import pytest
 from PIL import Image
 
+from conftest import MODEL_NAME, assert_disconnect_aborts
 from maverick_serve.config import NativeEngineConfig
 from maverick_serve.engine.inputs import InputProcessor
 from maverick_serve.engine.native.engine import NativeEngine
 from maverick_serve.engine.types import SamplingParams
-
-MODEL_NAME = "llama-4-tiny"  # as configured by the `cluster` fixture in conftest.py
 
 
 def _png(w: int, h: int) -> bytes:
@@ -376,50 +374,8 @@ def _metric_sum(url: str, name: str) -> float | None:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) if lines else None
 
 
-ENGINE_STATS_SCRIPT = """
-import json, ray
-from ray import serve
-ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-handle = serve.get_deployment_handle("LlamaEngine", app_name="maverick")
-seen = {}
-for _ in range(40):  # requests spread over replicas; keep the freshest stats of each
-    stats = handle.stats.remote().result()
-    seen[stats["replica"]] = stats
-print(json.dumps(seen))
-"""
-
-
-def _engine_stats() -> dict[str, dict[str, Any]]:
-    """Fresh stats of every engine replica, read through Serve handles from a separate driver."""
-    out = subprocess.run(
-        [sys.executable, "-c", ENGINE_STATS_SCRIPT], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_client_disconnect_aborts_engine_request(cluster: Any) -> None:
-    before = _engine_stats()
-    assert len(before) == 2  # both replicas answered
-    body = {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": "a very long answer"}],
-        "max_tokens": 4000,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", json=body, timeout=60) as r:
-        chunks = 0
-        for line in r.iter_lines():
-            chunks += line.startswith("data: ")
-            if chunks >= 4:
-                break  # leave: closing the connection must abort the 4000-token generation
-    time.sleep(1.0)
-    after = _engine_stats()
-    assert all(s["running"] == 0 and s["waiting"] == 0 for s in after.values()), after
-    generated = sum(after[r]["generated_tokens_total"] - before[r]["generated_tokens_total"] for r in after)
-    assert 3 <= generated < 1000  # stopped long before max_tokens
-    assert all(sum(s["kv_blocks_used"].values()) == 0 for s in after.values())  # blocks freed
+    assert_disconnect_aborts(cluster.base_url, replicas=2)
 
 
 def test_bench_serve_prints_figures(cluster: Any) -> None:

@@ -35,19 +35,24 @@ class Sampler:
     """Every tier's Serve target and replica states, twice a second, for the whole test (from the
     dashboard's REST API, as `maverick-serve status` reads them)."""
 
-    def __init__(self, dashboard: str) -> None:
+    def __init__(
+        self,
+        dashboard: str,
+        app: str = APP,
+        deployments: tuple[str, ...] = (ROUTER_DEPLOYMENT, ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT),
+    ) -> None:
         self.url = f"{dashboard}/api/serve/applications/"
+        self.app, self.deployments = app, deployments
         self.samples: list[dict[str, int]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def now(self) -> dict[str, int]:
-        deps = httpx.get(self.url, timeout=10, headers=dashboard_auth_headers()).json()["applications"][APP][
-            "deployments"
-        ]
+        apps = httpx.get(self.url, timeout=10, headers=dashboard_auth_headers()).json()["applications"]
+        deps = apps[self.app]["deployments"]
         out = {}
-        for name in (ROUTER_DEPLOYMENT, ENGINE_DEPLOYMENT, PREFILL_DEPLOYMENT):
+        for name in self.deployments:
             out[name] = int(deps[name]["target_num_replicas"])
             out[name + ":running"] = sum(1 for r in deps[name]["replicas"] if r["state"] == "RUNNING")
         return out

@@ -98,9 +98,13 @@ def test_serve_runtime_variants_become_config_sections(tmp_path: Path) -> None:
     assert cfg["serve_runtime"]["ingress"] == "haproxy"
     assert serve_runtime("proxy/unpinned") == serve_runtime("proxy")
     assert up_args("proxy/unpinned") == ["--no-pin-cores"] and up_args("proxy") == []
+    colocated = stack_config(tmp_path, "native", Workload(), "direct/colocated/unpinned")
+    assert colocated["router"] == {"colocated": True} and up_args("direct/colocated/unpinned")
+    assert ClusterConfig.model_validate(colocated).router.colocated
+    assert stack_config(tmp_path, "native", Workload(), "direct")["router"] == {"colocated": False}
 
 
-@pytest.mark.parametrize("bad", ["nginx", "proxy/fast"])
+@pytest.mark.parametrize("bad", ["nginx", "proxy/fast", "colocated"])
 def test_unknown_serve_runtime_is_a_cli_error(capsys: pytest.CaptureFixture[str], bad: str) -> None:
     from maverick_serve.cli import main
 

@@ -178,6 +178,7 @@ class ClusterAutoscaler:
             None if self.cfg.gpu_budget is None else self.cfg.gpu_budget - config.fixed_scaling_units()
         )
         self.tiers = {name: tier for name, tier in deployments.items() if tier in self.costs}
+        self.colocated = config.router.colocated
         self.policies = {tier: LoadTargetPolicy(getattr(self.cfg, tier)) for tier in self.tiers.values()}
         self.last_reason: dict[str, str] = {}
         self.metrics = _metrics_or_none()
@@ -188,7 +189,9 @@ class ClusterAutoscaler:
             for dep, ctx in contexts.items()
             if ctx.deployment_name in self.tiers
         }
-        router_ctx = by_tier.get("router", (None, None))[1]
+        # Colocated routers report their long-prompt demand from the engine replicas they live in.
+        router_tier = "engine" if self.colocated else "router"
+        router_ctx = by_tier.get(router_tier, (None, None))[1]
         decisions: dict[str, Decision] = {}
         loads: dict[str, float | None] = {}
         for tier, (_, ctx) in by_tier.items():

@@ -476,8 +476,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=lambda s: tuple(p for p in s.split(",") if p),
         default=("proxy",),
         help="comma-separated serve_runtime of our stack, one row each: proxy, direct or haproxy "
-        "(serve_runtime.ingress), with /plain for throughput_optimized: false or /unpinned for "
-        "`up --no-pin-cores` (e.g. proxy/unpinned,proxy)",
+        "(serve_runtime.ingress), then any of /plain for throughput_optimized: false, /unpinned for "
+        "`up --no-pin-cores`, /colocated for router.colocated (e.g. proxy/unpinned,direct/colocated)",
     )
     bp.set_defaults(func=cmd_bench_peers)
 

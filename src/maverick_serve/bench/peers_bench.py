@@ -119,19 +119,30 @@ def vllm_serve(vllm_python: Path, model: Path, w: Workload, workdir: Path) -> It
         yield url
 
 
-def serve_runtime(variant: str) -> dict[str, Any]:
-    """`proxy`, `direct/plain`, `proxy/unpinned` ... as a serve_runtime section (unpinned is
-    `up --no-pin-cores`: see `up_args`)."""
-    ingress, _, flavour = variant.partition("/")
+FLAVOURS = ("plain", "unpinned", "colocated")
+
+
+def flavours(variant: str) -> set[str]:
+    """`proxy`, `direct/colocated`, `proxy/plain/unpinned` ...: the ingress, then any of plain
+    (throughput_optimized: false), unpinned (`up --no-pin-cores`) and colocated
+    (router.colocated: the router inside the engine replica)."""
+    ingress, *rest = variant.split("/")
     modes = get_args(ServeRuntimeConfig.model_fields["ingress"].annotation)  # the config's own list
-    if ingress not in modes or flavour not in ("", "plain", "unpinned"):
-        raise ValueError(f"serve runtime {variant!r}: want {'|'.join(modes)}, optionally /plain or /unpinned")
-    return {"ingress": ingress, "throughput_optimized": flavour != "plain"}
+    if ingress not in modes or not set(rest) <= set(FLAVOURS):
+        raise ValueError(
+            f"serve runtime {variant!r}: want {'|'.join(modes)}, then any of /{', /'.join(FLAVOURS)}"
+        )
+    return set(rest)
+
+
+def serve_runtime(variant: str) -> dict[str, Any]:
+    """A variant's serve_runtime section."""
+    return {"ingress": variant.split("/")[0], "throughput_optimized": "plain" not in flavours(variant)}
 
 
 def up_args(variant: str) -> list[str]:
     """`up` flags of a variant: /unpinned lets the engine share every core with the rest of the stack."""
-    return ["--no-pin-cores"] if variant.endswith("/unpinned") else []
+    return ["--no-pin-cores"] if "unpinned" in flavours(variant) else []
 
 
 def stack_config(model: Path, backend: str, w: Workload, variant: str = "proxy") -> dict[str, Any]:
@@ -145,6 +156,7 @@ def stack_config(model: Path, backend: str, w: Workload, variant: str = "proxy")
         "model": {"path": str(model), "served_model_name": MODEL_NAME},
         "engine": engine,
         "kvtier": {"enabled": False},
+        "router": {"colocated": "colocated" in flavours(variant)},
         "serve_runtime": serve_runtime(variant),
     }
 

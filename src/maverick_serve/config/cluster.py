@@ -71,6 +71,14 @@ class RouterConfig(BaseModel):
         default_factory=RoutingConfig, description="Replica choice, backpressure and retries."
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Optional API keys and per-key limits.")
+    colocated: bool = Field(
+        False,
+        description="Run the router inside each engine replica (one deployment, LlamaEngine, is the "
+        "HTTP ingress) instead of as a deployment of its own: a request reaches its engine without "
+        "a Ray hop, and each replica routes to its own engine only; Serve's ingress balances across "
+        "replicas by queue length, without cache affinity. Replicas take resources.engine; "
+        "autoscaling sizes them as the engine tier. For one engine replica per host and for latency.",
+    )
 
 
 class ReplicaResources(BaseModel):
@@ -232,9 +240,10 @@ class ClusterConfig(BaseModel):
                     f"min_replicas ({parts} = {floor:g}); raise it or lower autoscaling.*.min_replicas"
                 )
         if self.serve_runtime.ingress == "direct":
-            routers = self.autoscaling.router.max_replicas if a.enabled else self.resources.router.replicas
+            tier = "engine" if self.router.colocated else "router"  # colocated: engine replicas take HTTP
+            routers = getattr(a, tier).max_replicas if a.enabled else getattr(self.resources, tier).replicas
             if routers > 1:
-                field = "autoscaling.router.max_replicas" if a.enabled else "resources.router.replicas"
+                field = f"autoscaling.{tier}.max_replicas" if a.enabled else f"resources.{tier}.replicas"
                 raise ValueError(
                     f"serve_runtime.ingress: direct serves HTTP from the router replica on http.port, "
                     f"and only one router per node can have that port; {field} is {routers}: set it "
@@ -291,7 +300,8 @@ class ClusterConfig(BaseModel):
 
     def scaled_tiers(self) -> list[str]:
         """Tiers the autoscaler sizes (prefill only exists with disaggregation)."""
-        return ["router", "engine", *(["prefill"] if self.disaggregation.enabled else [])]
+        routers = [] if self.router.colocated else ["router"]  # colocated: inside the engine replicas
+        return [*routers, "engine", *(["prefill"] if self.disaggregation.enabled else [])]
 
     def scaling_costs(self) -> dict[str, float]:
         """`autoscaling.budget_resource` units one replica of each scaled tier holds."""

@@ -16,6 +16,7 @@ from maverick_serve.autoscaling.serve_policy import APP_POLICY_PATH, TIER_POLICY
 from maverick_serve.config.cluster import ClusterConfig, ReplicaResources
 from maverick_serve.config.engine import VllmEngineConfig
 from maverick_serve.routing.hub import ReplicaStateHub
+from maverick_serve.serving.colocated_server import ColocatedServer
 from maverick_serve.serving.engine_server import EngineServer
 from maverick_serve.serving.model_store import ensure_model
 from maverick_serve.serving.router_server import RouterServer
@@ -84,6 +85,9 @@ def deployment_options(config: ClusterConfig) -> dict[str, dict[str, Any]]:
             "logging_config": logging_config,
         },
     }
+    if config.router.colocated:  # HTTP requests carry no ranking: Serve's own choice by queue length
+        del options[ENGINE_DEPLOYMENT]["request_router_config"]
+        del options[ROUTER_DEPLOYMENT], options[STATE_HUB_DEPLOYMENT]
     single_node = isinstance(config.engine, VllmEngineConfig) and (
         config.engine.pipeline_parallel_size == config.engine.data_parallel_size == 1
     )
@@ -183,12 +187,13 @@ def required_resources(config: ClusterConfig) -> dict[str, float]:
     r, e, x = config.resources.router, config.resources.engine, config.experts
     p = config.disaggregation.prefill if config.disaggregation.enabled else None
     workers = x.ep_degree if x.mode == "disaggregated" else 0
+    routers = 0 if config.router.colocated else r.replicas  # colocated: inside the engine replicas
     return {
-        "CPU": r.replicas * r.num_cpus
+        "CPU": routers * r.num_cpus
         + e.replicas * e.num_cpus
         + workers * x.worker_num_cpus
         + (p.replicas * p.num_cpus if p else 0),
-        "GPU": r.replicas * r.num_gpus
+        "GPU": routers * r.num_gpus
         + e.replicas * (len(engine_placement_bundles(config)) or e.num_gpus)
         + workers * x.worker_num_gpus
         + (p.replicas * (len(engine_placement_bundles(config, p)) or p.num_gpus) if p else 0),
@@ -215,14 +220,17 @@ def build_app(config: ClusterConfig) -> Application:
     config = ensure_model(config)
     payload = config.model_dump(mode="json")
     options = deployment_options(config)
+    prefill = None
+    if config.disaggregation.enabled:
+        prefill = serve.deployment(**options[PREFILL_DEPLOYMENT])(EngineServer).bind(payload)
+    if config.router.colocated:  # each engine replica is its own router and the ingress
+        colocated = serve.deployment(**options[ENGINE_DEPLOYMENT])(serve.ingress()(ColocatedServer))
+        return colocated.bind(payload, prefill)
     hub = serve.deployment(**options[STATE_HUB_DEPLOYMENT])(ReplicaStateHub).bind(
         expiry_s=config.router.routing.state_expiry_s * 3
     )
     engine = serve.deployment(**options[ENGINE_DEPLOYMENT])(EngineServer)
     router = serve.deployment(**options[ROUTER_DEPLOYMENT])(serve.ingress()(RouterServer))
-    prefill = None
-    if config.disaggregation.enabled:
-        prefill = serve.deployment(**options[PREFILL_DEPLOYMENT])(EngineServer).bind(payload)
     return router.bind(payload, engine.bind(payload, hub), prefill, hub)
 
 
