@@ -43,6 +43,9 @@ def test_table_reports_medians_ratios_and_verdicts() -> None:
     assert "target ours >= 0.8x vllm serve output tok/s: 0.80x (meets)" in table
     assert "target ours TTFT p99 <= 1.5x vllm serve's: 1.50x (meets)" in table  # 150 vs 100
     assert "target ours in replica >= 0.8x vllm serve output tok/s: 0.95x (meets)" in table
+    colocated = PeerResult("native", "ours colocated", [_round(600, 100)])  # a second runtime, same peer
+    table = format_table([vllm, ours, colocated], alone=None, threads=2, w=Workload())
+    assert "target ours colocated >= 0.8x vllm serve output tok/s: 0.60x (MISSES)" in table
 
 
 def test_table_says_when_a_target_is_missed() -> None:

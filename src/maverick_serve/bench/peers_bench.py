@@ -242,7 +242,7 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 def format_table(results: list[PeerResult], alone: list[float] | None, threads: int, w: Workload) -> str:
     ref = next((r.median("output_tok_s") for r in results if r.peer == "vllm-serve" and r.rounds), None)
     head = (
-        f"{'server':<34} {'out tok/s':>10} {'x vllm':>7} {'TTFT p50/p99 ms':>17} "
+        f"{'server':<42} {'out tok/s':>10} {'x vllm':>7} {'TTFT p50/p99 ms':>17} "
         f"{'ITL p50/p99 ms':>15} {'failed':>6}"
     )
     lines = [
@@ -254,21 +254,17 @@ def format_table(results: list[PeerResult], alone: list[float] | None, threads: 
     ]
     for r in results:
         if r.skipped or not r.rounds:
-            lines.append(f"{r.label:<34} {r.skipped or 'no rounds'}")
+            lines.append(f"{r.label:<42} {r.skipped or 'no rounds'}")
             continue
         tps = r.median("output_tok_s")
         ratio = f"{tps / ref:.2f}x" if tps is not None and ref else ""
         ttft = f"{_fmt(r.median('ttft_p50_ms'))}/{_fmt(r.median('ttft_p99_ms'))}"
         itl = f"{_fmt(r.median('itl_p50_ms'), 1)}/{_fmt(r.median('itl_p99_ms'), 1)}"
-        lines.append(f"{r.label:<34} {_fmt(tps, 1):>10} {ratio:>7} {ttft:>17} {itl:>15} {r.failed:>6}")
+        lines.append(f"{r.label:<42} {_fmt(tps, 1):>10} {ratio:>7} {ttft:>17} {itl:>15} {r.failed:>6}")
         rounds = ", ".join(_fmt(x.get("output_tok_s"), 1) for x in r.rounds)
-        lines.append(f"{'':<34} rounds: {rounds} tok/s; started in {_fmt(r.startup_s)} s")
-    # The targets are checked on each native peer's first serve runtime.
-    firsts: dict[str, PeerResult] = {}
-    for r in results:
-        if r.peer in NATIVE_PEERS and r.rounds:
-            firsts.setdefault(r.peer, r)
-    natives = list(firsts.values())
+        lines.append(f"{'':<42} rounds: {rounds} tok/s; started in {_fmt(r.startup_s)} s")
+    # The targets are checked on every native row (each peer × serve runtime).
+    natives = [r for r in results if r.peer in NATIVE_PEERS and r.rounds]
     if alone:
         a = statistics.median(alone)
         lines.append(f"native engine alone (this process, {threads} threads): {a:,.1f} tok/s")

@@ -267,6 +267,7 @@ def format_report(
             f"{pct(r.ttft_ms, 0.99):>7.1f} {pct(r.itl_ms, 0.5):>8.1f} {pct(r.itl_ms, 0.99):>7.1f}"
         )
     lines.append("")
+    added: float | None = None
     if isinstance(overhead, str):
         lines.append(f"router overhead: {overhead}")
     else:
@@ -282,10 +283,17 @@ def format_report(
             f"  added by HTTP + router: p50 {p50:.2f} ms (paired p50 {statistics.median(diffs):.2f} ms, "
             f"p90 {pct(diffs, 0.9):.2f} ms); target ≤ {HOP_TARGET_MS:g} ms: {verdict}"
         )
+        added = p50
+        if p50 < 0:  # the handle baseline takes a Ray hop into the replica that HTTP does not
+            lines.append(
+                "  HTTP is faster than the handle: the router calls its engine in-process (router.colocated)"
+            )
     if code_overhead is not None:
         routed, direct = code_overhead
+        hop_left = added is not None and added > routed - direct
+        rest = "; the rest is Serve's proxy → router hop" if hop_left else ""
         lines.append(
             f"  of which router code (in-process, no Ray): p50 {routed - direct:.2f} ms "
-            f"({routed:.2f} routed vs {direct:.2f} direct); the rest is Serve's proxy → router hop"
+            f"({routed:.2f} routed vs {direct:.2f} direct){rest}"
         )
     return "\n".join(lines)

@@ -10,6 +10,7 @@ demand (the prefill tier's policy) in one set of autoscaling stats.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from maverick_serve.config.cluster import ClusterConfig
@@ -27,6 +28,15 @@ class ColocatedServer(RouterServer):
         channel = LocalStateChannel(ReplicaStateHub(expiry_s=cfg.router.routing.state_expiry_s * 3))
         self.engine_server = EngineServer(config, channel)
         super().__init__(config, LocalEngineClient(self.engine_server), prefill, channel)
+
+    # The engine deployment's own methods, so handle callers (prefill hand-offs aside, tools such
+    # as `bench serve`'s handle baseline) reach the engine as on a separate LlamaEngine replica.
+    async def generate(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for event in self.engine_server.generate(item):
+            yield event
+
+    async def prefill(self, item: dict[str, Any]) -> dict[str, Any]:
+        return await self.engine_server.prefill(item)
 
     async def stats(self) -> dict[str, Any]:
         return await self.engine_server.stats()
