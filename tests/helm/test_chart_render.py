@@ -25,6 +25,7 @@ from maverick_serve.config.serve_runtime import ServeRuntimeConfig
 from maverick_serve.kube.chart import CHART_DIR
 from maverick_serve.kube.check import check_values
 from maverick_serve.kube.values_docs import schema_text, values_table
+from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, deployment_options
 from ops_queries import OPS, rule_groups
 
 CRDS = ROOT.parent / "shared" / "crds"
@@ -336,6 +337,23 @@ def test_serve_runtime_env_on_every_ray_container_matches_the_config(
         for c in pod["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in c["env"]}
             assert {k: env.get(k) for k in want} == want, c["name"]
+
+
+def test_colocated_router_renders_one_ingress_deployment_sized_as_engines(helm: str, tmp_path: Path) -> None:
+    """`cluster.router.colocated` reaches the app's args; what Serve builds from them has no Router
+    deployment, and the app policy the chart renders sizes the engines (router tier unused)."""
+    values = tmp_path / "colocated.yaml"
+    cluster_values = {"router": {"colocated": True}, "autoscaling": {"enabled": True}}
+    values.write_text(yaml.safe_dump({"cluster": cluster_values}))
+    docs = render_docs(helm, ROOT / "helm/maverick-serve/examples/tiny-cpu.yaml", values)
+    (svc,) = [d for d in docs if d["kind"] == "RayService"]
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    cluster = ClusterConfig.model_validate(app["args"])
+    assert cluster.router.colocated and cluster.scaled_tiers() == ["engine"]
+    options = deployment_options(cluster)
+    assert ROUTER_DEPLOYMENT not in options and "autoscaling_config" in options[ENGINE_DEPLOYMENT]
+    policy = app["autoscaling_policy"]["policy_kwargs"]
+    assert ClusterConfig.model_validate(policy["cluster"]).router.colocated
 
 
 def _num(v: str | None) -> object:

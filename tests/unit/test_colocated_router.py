@@ -6,7 +6,9 @@ serving, streaming and reporting both tiers' stats without Ray."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ import pytest
 from pydantic import ValidationError
 from test_autoscaling_policies import _ctx
 
+from maverick_serve.api.protocol import EngineWorkItem
 from maverick_serve.config.cluster import ClusterConfig
+from maverick_serve.engine.types import SamplingParams
 from maverick_serve.serving.builder import (
     ENGINE_DEPLOYMENT,
     PREFILL_DEPLOYMENT,
@@ -99,6 +103,10 @@ def test_app_policy_starts_prefill_from_the_demand_the_engine_replicas_report() 
     assert state[PREFILL_DEPLOYMENT]["load"] == 1500.0
 
 
+async def _events(stream: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [event async for event in stream]
+
+
 def test_the_replica_serves_streams_and_reports_both_tiers(tiny_model: Path) -> None:
     from maverick_serve.serving.colocated_server import ColocatedServer
 
@@ -129,6 +137,15 @@ def test_the_replica_serves_streams_and_reports_both_tiers(tiny_model: Path) -> 
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
         stats = asyncio.run(server.stats())
         assert stats["generated_tokens_total"] == 12 and stats["running"] == 0
+        # The engine deployment's own methods answer too (handle callers), not shadowed by the router's.
+        item = EngineWorkItem(
+            request_id="direct-1",
+            prompt_token_ids=[1, 2, 3],
+            sampling=SamplingParams(max_tokens=6, temperature=0),
+        ).model_dump()
+        events = asyncio.run(_events(server.generate(item)))
+        assert sum(len(e.get("new_token_ids") or []) for e in events) == 6, events
+        assert inspect.iscoroutinefunction(server.prefill)
         reported = server.record_autoscaling_stats()
         assert {"running", "waiting", "kv_usage", "prefill_tokens_per_s"} <= set(reported)
         assert reported["prefill_tokens_per_s"] == 0.0  # the router's long-prompt demand: none here

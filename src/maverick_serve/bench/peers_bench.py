@@ -317,8 +317,8 @@ def run_bench(
             else:
                 python = vllm_python if peer == "vllm-backend" else None
                 backend = "vllm" if peer == "vllm-backend" else peer
-                for variant in w.serve_runtimes:
-                    folder = work / f"{peer}-{variant.replace('/', '-')}"
+                for i, variant in enumerate(w.serve_runtimes):  # a variant may come twice (A/B/A/B)
+                    folder = work / f"{peer}-{i}-{variant.replace('/', '-')}"
                     folder.mkdir()
                     server = partial(our_stack, twin, backend, w, folder, python, variant)
                     label = f"ours, {PEER_LABELS[peer]}, {variant}"

@@ -65,9 +65,9 @@ class RouterServer:
         assert self.config.model.path is not None, "the builder resolves model.path"
         self.builder = RequestBuilder(Path(self.config.model.path), self.config)
         self.engine: EngineClient = engine if isinstance(engine, EngineClient) else HandleEngineClient(engine)
-        self.prefill: EngineClient | None = None
+        self.prefill_tier: EngineClient | None = None
         if prefill is not None:
-            self.prefill = prefill if isinstance(prefill, EngineClient) else HandleEngineClient(prefill)
+            self.prefill_tier = prefill if isinstance(prefill, EngineClient) else HandleEngineClient(prefill)
         a = self.config.autoscaling
         self.engine_replicas = ReplicaWatch(
             self.config.app_name, engine_deployment_name, always=not a.enabled
@@ -213,7 +213,7 @@ class RouterServer:
             await self.dispatcher.start()
             self.engine_replicas.start()
             items = self._work_items(rid, prompt, images, sampling, req.n)
-            if self.prefill is not None and len(prompt) >= self.config.disaggregation.threshold_tokens:
+            if self.prefill_tier is not None and len(prompt) >= self.config.disaggregation.threshold_tokens:
                 self.prefill_live.start()
                 self.prefill_demand.add(len(prompt))
                 if self.prefill_live.available():  # else the engine prefills it (tier at zero)
@@ -263,13 +263,13 @@ class RouterServer:
         replica that fails (killed mid-hand-off, its engine dead) costs time, not the request:
         the decode replica then prefills the prompt itself, as with the tier at zero replicas.
         Returns the outcome (ok | fallback), which the response's x-maverick-prefill header carries."""
-        assert self.prefill is not None
+        assert self.prefill_tier is not None
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         with step("prefill.handoff", **{"gen_ai.usage.input_tokens": len(item.prompt_token_ids)}):
             try:
                 handed = await asyncio.wait_for(
-                    self.prefill.prefill(item.model_dump()), deadline - loop.time()
+                    self.prefill_tier.prefill(item.model_dump()), deadline - loop.time()
                 )
             except (TimeoutError, asyncio.CancelledError):  # the deadline, or the client left
                 self.dispatcher.metrics.prefill_handoff("error")
