@@ -103,7 +103,8 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     redis.stop()
 
 
-async def _stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> int:
+async def stream_completion(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> tuple[str, int]:
+    """(replica that served it, completion tokens) of one streamed completion."""
     body = {
         "model": "llama-4-tiny",
         "prompt": prompt,
@@ -120,7 +121,11 @@ async def _stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int)
                 usage = json.loads(line[6:]).get("usage")
                 if usage:
                     tokens = usage["completion_tokens"]
-    return tokens
+    return r.headers.get("x-maverick-replica", ""), tokens
+
+
+async def _stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> int:
+    return (await stream_completion(client, prompt, max_tokens))[1]
 
 
 def _wait_for(sampler: Sampler, key: str, value: int, timeout_s: float) -> float:

@@ -6,13 +6,13 @@ requests over both, no stream is lost, and idle brings them back to one."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from test_serve_autoscaling import FAST, Sampler, _wait_for
+from test_serve_autoscaling import stream_completion as stream
 
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.net import free_port
@@ -47,27 +47,6 @@ def cluster(tiny_model: Path) -> Iterator[tuple[str, Sampler]]:
         sampler.stop.set()
 
 
-async def _stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> tuple[str, int]:
-    """(replica, completion tokens) of one streamed completion."""
-    body = {
-        "model": "llama-4-tiny",
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
-    tokens = -1
-    async with client.stream("POST", "/v1/completions", json=body, timeout=300) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and '"completion_tokens"' in line:
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    tokens = usage["completion_tokens"]
-    return r.headers["x-maverick-replica"], tokens
-
-
 def test_colocated_replicas_scale_with_the_engine_tier_and_share_the_requests(
     cluster: tuple[str, Sampler],
 ) -> None:
@@ -80,12 +59,12 @@ def test_colocated_replicas_scale_with_the_engine_tier_and_share_the_requests(
             wave = 0
             # Waves of 8 streams (4 per 2-slot engine) until the second replica runs, then 2 more.
             while wave < MAX_WAVES:
-                out += await asyncio.gather(*(_stream(client, [1, 2, wave, i], 60) for i in range(8)))
+                out += await asyncio.gather(*(stream(client, [1, 2, wave, i], 60) for i in range(8)))
                 wave += 1
                 if sampler.max(ENGINE_DEPLOYMENT + ":running") >= 2:
                     break
             for extra in range(2):
-                out += await asyncio.gather(*(_stream(client, [3, extra, i], 60) for i in range(8)))
+                out += await asyncio.gather(*(stream(client, [3, extra, i], 60) for i in range(8)))
             return out
 
     results = asyncio.run(load())
