@@ -103,6 +103,11 @@ class RoutingConfig(BaseModel):
         4_000_000, ge=1000, description="Cached-block entries the router tracks (oldest dropped first)."
     )
 
+    def hub_expiry_s(self) -> float:
+        """How long the replica-state hub keeps a silent replica: past the routers' own
+        `state_expiry_s`, so their views drop it first."""
+        return self.state_expiry_s * 3
+
 
 class ApiKey(BaseModel):
     """One client key, stored as the SHA-256 of the key, never the key itself."""

@@ -227,7 +227,7 @@ def build_app(config: ClusterConfig) -> Application:
         colocated = serve.deployment(**options[ENGINE_DEPLOYMENT])(serve.ingress()(ColocatedServer))
         return colocated.bind(payload, prefill)
     hub = serve.deployment(**options[STATE_HUB_DEPLOYMENT])(ReplicaStateHub).bind(
-        expiry_s=config.router.routing.state_expiry_s * 3
+        expiry_s=config.router.routing.hub_expiry_s()
     )
     engine = serve.deployment(**options[ENGINE_DEPLOYMENT])(EngineServer)
     router = serve.deployment(**options[ROUTER_DEPLOYMENT])(serve.ingress()(RouterServer))

@@ -25,7 +25,7 @@ class ColocatedServer(RouterServer):
     def __init__(self, config: dict[str, Any], prefill: Any = None) -> None:
         cfg = ClusterConfig.model_validate(config)
         # The router's cache view holds this replica's engine alone: an in-process hub.
-        channel = LocalStateChannel(ReplicaStateHub(expiry_s=cfg.router.routing.state_expiry_s * 3))
+        channel = LocalStateChannel(ReplicaStateHub(expiry_s=cfg.router.routing.hub_expiry_s()))
         self.engine_server = EngineServer(config, channel)
         super().__init__(config, LocalEngineClient(self.engine_server), prefill, channel)
 

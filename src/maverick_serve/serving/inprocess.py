@@ -20,7 +20,7 @@ class InProcessCluster:
     def __init__(self, config: dict[str, Any], replicas: int) -> None:
         cfg = ClusterConfig.model_validate(config)
         self.payload = cfg.model_dump(mode="json")
-        self.hub = ReplicaStateHub(expiry_s=cfg.router.routing.state_expiry_s * 3)
+        self.hub = ReplicaStateHub(expiry_s=cfg.router.routing.hub_expiry_s())
         self.channel = LocalStateChannel(self.hub)
         self.servers = [EngineServer(self.payload, self.channel, f"replica-{i}") for i in range(replicas)]
         self.replicas = LocalReplicaSet(self.servers)
