@@ -339,3 +339,40 @@ def test_logprobs_of_no_mass_are_clamped_to_finite_json() -> None:
     assert chat["logprob"] == -9999.0 and [t["logprob"] for t in chat["top_logprobs"]] == [-9999.0, -0.5]
     comp = fmt.completion_logprobs(lps)
     assert comp["token_logprobs"] == [-9999.0] and comp["top_logprobs"] == [{"t2": -9999.0, "t3": -0.5}]
+
+
+def test_chunked_layers_attend_per_attention_chunk_with_the_logits_of_one_masked_call(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefill chunk is cut at attention-chunk boundaries (64 here) for the chunked layers:
+    [40, 200) attends as pieces [40, 64) [64, 128) [128, 192) [192, 200), each over its own
+    chunk's keys, and every logit equals (to fp32 rounding) the one masked 160 × 200 call it replaces."""
+    engine = _engine(tiny_model, max_num_batched_tokens=512)
+    runner = engine.runner
+    seqs = {n: EngineRequest(str(n), _prompt(n, n), GREEDY.model_copy()) for n in (200, 90)}
+    for r in seqs.values():
+        engine.add_request(r)
+    chunks = engine.scheduler.schedule()
+    assert [c.num_tokens for c in chunks] == [200, 90]
+    # Pretend the first 40 tokens of the 200 were computed in an earlier step.
+    chunks[0].start, chunks[0].num_tokens = 40, 160
+    batch, _, _ = runner.build_batch(chunks)
+    (part,) = batch.parts
+    chunked = part.groups[CHUNKED_GROUP]
+    assert chunked.queries is not None and chunked.mask is not None
+    # 4 pieces of the first chunk, 2 of the second ([0, 64) [64, 90)), at most 64 queries each.
+    assert (chunked.queries.num_seqs, chunked.queries.max_query_len) == (6, 64)
+    assert chunked.mask.shape == (6, 1, 64, 64)
+    assert part.groups[GLOBAL_GROUP].queries is None and part.max_query_len == 160
+
+    split = runner.execute(chunks, all_logits=True)
+    with monkeypatch.context() as m:
+        m.setattr(
+            type(runner),
+            "_chunk_pieces",
+            lambda self, keys, kstart, start, end: [(keys, torch.arange(start, end), kstart)],
+        )
+        whole = runner.execute(chunks, all_logits=True)
+        assert runner.build_batch(chunks)[0].parts[0].groups[CHUNKED_GROUP].mask.shape[2] == 160
+    assert split.shape == (250, 2048)
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)  # fp32: the same sums, reassociated

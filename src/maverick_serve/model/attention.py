@@ -25,6 +25,16 @@ GLOBAL_GROUP = "global"
 
 
 @dataclass
+class QueryLayout:
+    """How a part's rows are padded into [B, Q] for one batched attention call: row r of the
+    part goes to b * max_query_len + i (pad_index[r])."""
+
+    pad_index: torch.Tensor
+    num_seqs: int
+    max_query_len: int
+
+
+@dataclass
 class GroupBatch:
     """Per layer-group key addressing of one attention part.
 
@@ -33,6 +43,9 @@ class GroupBatch:
         block-wise path of long global attention, which derives causality per key block from
         query_positions [B, Q] (padding rows: 0) and key_lengths [B] (keys are positions 0..len-1).
     key_block: keys per block of the block-wise path.
+    queries: the group's own [B, Q] layout where it differs from the part's. Chunked layers split
+        a prefill chunk at attention-chunk boundaries (each piece sees only its own chunk's keys),
+        so a 256-token chunk attends as 4 × 64 × 64 instead of 256 × 256 with 3/4 masked off.
     """
 
     gather_index: torch.Tensor
@@ -40,6 +53,7 @@ class GroupBatch:
     query_positions: torch.Tensor | None = None
     key_lengths: torch.Tensor | None = None
     key_block: int = 16384
+    queries: QueryLayout | None = None
 
 
 @dataclass
@@ -159,12 +173,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         d = self.spec.head_dim
         group = part.groups[self.group]
-        b, qlen = part.num_seqs, part.max_query_len
+        if group.queries is not None:
+            b, qlen, pad_index = group.queries.num_seqs, group.queries.max_query_len, group.queries.pad_index
+        else:
+            b, qlen, pad_index = part.num_seqs, part.max_query_len, part.query_pad_index
         if qlen == 1:  # decodes: no padding, the rows are the sequences
             queries = q.view(b, 1, self.num_heads, d).transpose(1, 2)
         else:
             padded = q.new_zeros(b * qlen, self.num_heads, d)
-            padded[part.query_pad_index] = q
+            padded[pad_index] = q
             queries = padded.view(b, qlen, self.num_heads, d).transpose(1, 2)  # [B, h, Q, d]
         if group.mask is None:
             out = blockwise_attention(queries, k_cache, v_cache, group, d**-0.5).to(q.dtype)
@@ -175,7 +192,7 @@ class Attention(nn.Module):
                 queries, keys, values, attn_mask=group.mask, scale=d**-0.5, enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(b * qlen, self.num_heads * d)
-        return out if qlen == 1 else out[part.query_pad_index]
+        return out if qlen == 1 else out[pad_index]
 
 
 def gather_keys(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from maverick_serve.model.attention import (
     ForwardBatch,
     GroupBatch,
     PagedKVCache,
+    QueryLayout,
 )
 from maverick_serve.model.llama4 import Llama4Model
 
@@ -88,7 +89,10 @@ class ModelRunner:
                     keys = flat_slots(table, self.block_size, kstart, c.end)
                     # The new tokens' slots are the tail of the keys' slots (kstart <= c.start).
                     slots[group].append(keys[c.start - kstart :])
-                    per_group[group].append((keys, qpos, kstart))
+                    if group == CHUNKED_GROUP:
+                        per_group[group].extend(self._chunk_pieces(keys, kstart, c.start, c.end))
+                    else:
+                        per_group[group].append((keys, qpos, kstart))
                 row += c.num_tokens
             parts.append(
                 AttentionPart(
@@ -97,7 +101,7 @@ class ModelRunner:
                     query_pad_index=torch.cat(pad_index).to(self.device),
                     num_seqs=len(members),
                     max_query_len=qmax,
-                    groups={g: self._group_batch(g, items, qmax) for g, items in per_group.items()},
+                    groups=self._group_batches(per_group, qmax),
                 )
             )
         logits_rows: list[int] = []
@@ -113,6 +117,39 @@ class ModelRunner:
             logits_index=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return batch, torch.tensor(ids, dtype=torch.long, device=self.device), images
+
+    def _group_batches(
+        self, per_group: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]], qmax: int
+    ) -> dict[str, GroupBatch]:
+        groups = {}
+        for group, items in per_group.items():
+            if group == CHUNKED_GROUP:
+                layout = self._piece_layout(items)
+                groups[group] = self._group_batch(group, items, layout.max_query_len)
+                groups[group].queries = layout
+            else:
+                groups[group] = self._group_batch(group, items, qmax)
+        return groups
+
+    def _chunk_pieces(
+        self, keys: torch.Tensor, kstart: int, start: int, end: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Queries [start, end) of a chunked layer cut at attention-chunk boundaries: each piece
+        sees keys from its own chunk's start only. `keys` are the slots of [kstart, end)."""
+        pieces = []
+        lo = start
+        while lo < end:
+            kbegin = self.kv.chunk_start(lo)
+            hi = min(end, kbegin + self.chunk_size)
+            pieces.append((keys[kbegin - kstart : hi - kstart], torch.arange(lo, hi), kbegin))
+            lo = hi
+        return pieces
+
+    def _piece_layout(self, pieces: list[tuple[torch.Tensor, torch.Tensor, int]]) -> QueryLayout:
+        """[B, Q] padding of the pieces, which cover the part's rows in order."""
+        qmax = max(q.numel() for _, q, _ in pieces)
+        index = torch.cat([b * qmax + torch.arange(q.numel()) for b, (_, q, _) in enumerate(pieces)])
+        return QueryLayout(index.to(self.device), len(pieces), qmax)
 
     def _decodes_batchable(self, chunks: list[ScheduledChunk], members: list[int]) -> bool:
         """Every member is a decode in the strict sense (its one query is past any image patch)
