@@ -17,7 +17,8 @@ from maverick_serve.config.engine import NativeEngineConfig
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
-    from maverick_serve.bench.engine_bench import bench_native, format_table, text_only_dir
+    from maverick_serve.bench.engine_bench import format_table, text_only_dir
+    from maverick_serve.bench.native_process import bench_native
     from maverick_serve.bench.vllm_cpu import (
         VLLM_UNAVAILABLE_MESSAGE,
         VllmBenchError,

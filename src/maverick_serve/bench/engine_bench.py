@@ -5,7 +5,8 @@ prompts from a seeded RNG, greedy with ignore_eos, prefix caching off, one warm-
 - prefill tokens/s: B_max prompts with max_tokens=1;
 - decode tokens/s at batch B: B·n / (t(max_tokens=1+n) − t(max_tokens=1)), median of repeats,
   so prefill and request set-up cancel out;
-- peak RSS of the process (ours runs in this process; vllm's counts its process tree).
+- peak RSS of the process (ours runs in a process started as `up` starts engine processes,
+  `native_process`; vllm's counts its process tree).
 """
 
 from __future__ import annotations

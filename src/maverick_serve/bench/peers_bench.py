@@ -14,8 +14,9 @@ purpose). Peers:
   of the replica);
 - `vllm-backend`: `maverick-serve up` with `engine.backend: vllm` (run with the vllm venv's python).
 Our two rows come once per `serve_runtimes` variant (Serve's ingress and replica path); the targets
-are checked on the first.
-Then the native engine alone, in this process, on the same workload (token-id prompts of the
+are checked on every row of ours.
+Then the native engine alone, in a process started as `up` starts engine processes
+(`native_process`), on the same workload (token-id prompts of the
 same length, the same concurrency), so what the serving path costs is visible: stack / engine.
 """
 
@@ -34,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, get_args
 
+from maverick_serve.bench import native_process
 from maverick_serve.config.serve_runtime import ServeRuntimeConfig
 from maverick_serve.net import free_port
 from maverick_serve.serving.up_process import run_server, run_up
@@ -216,7 +218,7 @@ def run_peer(
 
 
 def engine_alone(model: Path, w: Workload, threads: int) -> list[float]:
-    """Output tok/s of the native engine stepped in this process: `num_prompts` token-id prompts,
+    """Output tok/s of the native engine stepped in the calling process: `num_prompts` token-id prompts,
     `concurrency` in flight (a new one admitted as one finishes), ignore_eos; warm-up + rounds."""
     from maverick_serve.bench.engine_bench import _prompts
     from maverick_serve.config.engine import NativeEngineConfig
@@ -287,7 +289,7 @@ def format_table(results: list[PeerResult], alone: list[float] | None, threads: 
     natives = [r for r in results if r.peer in NATIVE_PEERS and r.rounds]
     if alone:
         a = statistics.median(alone)
-        lines.append(f"native engine alone (this process, {threads} threads): {a:,.1f} tok/s")
+        lines.append(f"native engine alone (an engine process, {threads} threads): {a:,.1f} tok/s")
         for native in natives:
             if n := native.median("output_tok_s"):
                 lines.append(f"  {native.label} keeps {n / a:.2f}x of it")
@@ -348,7 +350,7 @@ def run_bench(
     alone = None
     if any(p in NATIVE_PEERS for p in peers):
         print("native engine alone ...", flush=True)
-        alone = engine_alone(twin, w, threads)
+        alone = native_process.engine_alone(twin, w, threads)  # started as `up` starts engines
     return results, alone
 
 
