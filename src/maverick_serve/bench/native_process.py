@@ -16,10 +16,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.engine.native.malloc_env import malloc_environment
+
+if TYPE_CHECKING:
+    from maverick_serve.bench.engine_bench import EngineFigures
 
 RESULT_PREFIX = "NATIVE_RESULT "
 
@@ -56,7 +59,7 @@ def bench_native(
     batch_sizes: list[int],
     config: NativeEngineConfig,
     repeats: int,
-) -> Any:
+) -> EngineFigures:
     """`engine_bench.bench_native` in an engine-like process; returns its `EngineFigures`."""
     from maverick_serve.bench.engine_bench import EngineFigures
 
