@@ -12,28 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maverick_serve.config.engine import NativeEngineConfig
-from maverick_serve.engine.native.malloc_env import malloc_environment
+from maverick_serve.engine.native.malloc_env import engine_process_environment
 
 if TYPE_CHECKING:
     from maverick_serve.bench.engine_bench import EngineFigures
+    from maverick_serve.bench.peers_bench import Workload
 
 RESULT_PREFIX = "NATIVE_RESULT "
 
 
 def run_task(task: str, args: dict[str, Any], keep_freed_memory: bool = True, timeout_s: float = 1800) -> Any:
-    env = dict(os.environ)
-    if keep_freed_memory:
-        env.update(malloc_environment(os.environ))
     proc = subprocess.run(
         [sys.executable, "-m", __name__, task, json.dumps(args)],
-        env=env,
+        env=engine_process_environment(keep_freed_memory),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -45,7 +42,7 @@ def run_task(task: str, args: dict[str, Any], keep_freed_memory: bool = True, ti
     raise RuntimeError(f"native bench process {task} printed no result (exit {proc.returncode}):\n{tail}")
 
 
-def engine_alone(model: Path, workload: Any, threads: int) -> list[float]:
+def engine_alone(model: Path, workload: Workload, threads: int) -> list[float]:
     """`peers_bench.engine_alone` in an engine-like process."""
     w = dataclasses.asdict(workload)
     result: list[float] = run_task("engine-alone", {"model": str(model), "workload": w, "threads": threads})
@@ -63,8 +60,8 @@ def bench_native(
     """`engine_bench.bench_native` in an engine-like process; returns its `EngineFigures`."""
     from maverick_serve.bench.engine_bench import EngineFigures
 
-    args = {
-        "model": str(model_dir),
+    args = {  # engine_bench.bench_native's own parameter names: the child passes them through
+        "model_dir": str(model_dir),
         "prompt_len": prompt_len,
         "decode_tokens": decode_tokens,
         "batch_sizes": batch_sizes,
@@ -85,13 +82,9 @@ def _run(task: str, args: dict[str, Any]) -> Any:
     if task == "bench-native":
         from maverick_serve.bench import engine_bench
 
+        model_dir, config = Path(args.pop("model_dir")), args.pop("config")
         figures = engine_bench.bench_native(
-            Path(args["model"]),
-            args["prompt_len"],
-            args["decode_tokens"],
-            args["batch_sizes"],
-            NativeEngineConfig.model_validate(args["config"]),
-            args["repeats"],
+            model_dir, config=NativeEngineConfig.model_validate(config), **args
         )
         return dataclasses.asdict(figures)
     raise ValueError(f"unknown task {task!r}")

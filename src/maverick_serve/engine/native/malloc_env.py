@@ -11,6 +11,7 @@ libc other than glibc.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit).
@@ -29,3 +30,12 @@ def malloc_environment(base: Mapping[str, str]) -> dict[str, str]:
     keys = {item.split("=", 1)[0] for item in present}
     ours = [f"{k}={v}" for k, v in KEEP_FREED.items() if k not in keys]
     return {"GLIBC_TUNABLES": ":".join(present + ours)}
+
+
+def engine_process_environment(keep_freed_memory: bool) -> dict[str, str]:
+    """The whole environment of an engine process spawned from this one (`engine_process`, the
+    benches' native child): this process's, plus the malloc tunables when asked for."""
+    env = dict(os.environ)
+    if keep_freed_memory:
+        env.update(malloc_environment(os.environ))
+    return env

@@ -16,7 +16,6 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.base import ServingEngine
 from maverick_serve.engine.cache_view import CacheView
-from maverick_serve.engine.native.malloc_env import malloc_environment
+from maverick_serve.engine.native.malloc_env import engine_process_environment
 from maverick_serve.engine.native.streams import Delivery, StreamTable, next_delta
 from maverick_serve.engine.request_checks import check_request
 from maverick_serve.engine.types import EngineDeadError, EngineRequest, EngineStats, RequestOutput
@@ -72,13 +71,11 @@ class EngineProcessClient(ServingEngine):
         self._load: dict[str, float] = {}
         self._view = ProcessCacheView(self)
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        if isinstance(cluster.engine, NativeEngineConfig) and cluster.engine.keep_freed_memory:
-            env.update(malloc_environment(os.environ))
+        keep_freed = isinstance(cluster.engine, NativeEngineConfig) and cluster.engine.keep_freed_memory
         self._proc = subprocess.Popen(
             [sys.executable, "-m", CORE_MODULE, "--fd", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
-            env=env,
+            env=engine_process_environment(keep_freed),
             start_new_session=True,  # a Ctrl-C meant for `up` reaches the child only through us
         )
         theirs.close()
