@@ -226,7 +226,10 @@ def test_serve_adapter_reads_replica_stats_and_holds_without_them() -> None:
     scaler = TierAutoscaler("engine", CFG.model_dump(mode="json"))
     n, state = scaler(_ctx(1, {"r1": 20.0}, {"r1": 20.0}))
     assert (n, state["reason"], state["load"]) == (3, "up:panic", 40.0)  # 40 > 2 x 8: panic, step of 2
-    assert scaler(_ctx(3, None, None)) == (3, {"reason": "hold:stale", "load": None})
+    assert scaler(_ctx(3, None, None)) == (
+        3,
+        {"reason": "hold:stale", "load": None, "target_per_replica": 8.0},
+    )
     cold = TierAutoscaler("engine", {**CFG.model_dump(mode="json"), "min_replicas": 0})
     assert cold(_ctx(0, None, None, queued=5.0))[0] == 1  # from zero on Serve's queued requests
 

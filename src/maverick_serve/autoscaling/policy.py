@@ -14,19 +14,11 @@ from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 
+from maverick_serve.autoscaling.capacity import CapacityLearner
+from maverick_serve.autoscaling.signals import TierSignals
 from maverick_serve.config.autoscaling import TierScalingConfig
 
-
-@dataclass(frozen=True)
-class TierSignals:
-    now: float
-    replicas: int
-    load: float | None  # None: no replica reported
-    age_s: float = 0.0  # age of the newest report
-    ttft_p95_s: float | None = None
-    itl_p95_s: float | None = None
-    kv_usage: float | None = None  # mean KV-cache usage of the tier's replicas (engine)
-    waiting: float = 0.0  # requests queued for admission (engine)
+__all__ = ["AutoscalingPolicy", "Decision", "LoadTargetPolicy", "TierSignals"]
 
 
 @dataclass(frozen=True)
@@ -41,16 +33,22 @@ class AutoscalingPolicy(ABC):
 
 
 class LoadTargetPolicy(AutoscalingPolicy):
-    """desired = ceil(load / target_per_replica): up on the higher of a stable and a short window,
-    down on the stable window and never below what the window's peak needs; a panic window for
-    bursts (past the up cooldown), dead bands, cooldowns, step limits, SLO guards, and a hold on
-    stale signals."""
+    """desired = ceil(load / target): up on the higher of a stable and a short window, down on
+    the stable window and never below what the window's peak needs; a panic window for bursts
+    (past the up cooldown), dead bands, cooldowns, step limits, SLO guards, and a hold on stale
+    signals. `target` is `target_per_replica`, or what `learn_capacity` has learned from it."""
 
     def __init__(self, cfg: TierScalingConfig) -> None:
         self.cfg = cfg
+        self.capacity = CapacityLearner(cfg)
         self.samples: deque[tuple[float, float]] = deque()
         self.last_up = -math.inf
         self.last_change = -math.inf
+
+    @property
+    def target(self) -> float:
+        """The load one replica should carry now (config, or learned)."""
+        return self.capacity.target
 
     def _mean(self, now: float, window_s: float) -> float:
         values = [load for t, load in self.samples if now - t <= window_s]
@@ -68,27 +66,27 @@ class LoadTargetPolicy(AutoscalingPolicy):
         self.samples.append((s.now, s.load))
         while self.samples and s.now - self.samples[0][0] > c.stable_window_s:
             self.samples.popleft()
+        self.capacity.observe(s)
+        target = self.capacity.target
         stable, burst = self._mean(s.now, c.stable_window_s), self._mean(s.now, c.panic_window_s)
-        capacity = max(current, 1) * c.target_per_replica
+        capacity = max(current, 1) * target
         want, reason = current, "hold:band"
         if burst > c.panic_factor * capacity:
-            want, reason = max(current + 1, math.ceil(burst / c.target_per_replica)), "up:panic"
-        elif (high := max(stable, burst)) > current * c.target_per_replica * (1 + c.up_band) or (
-            current == 0 and high > 0
-        ):
+            want, reason = max(current + 1, math.ceil(burst / target)), "up:panic"
+        elif (high := max(stable, burst)) > current * target * (1 + c.up_band) or (current == 0 and high > 0):
             # Up fast (the short window when it is higher), down slow (the stable window only).
-            want, reason = math.ceil(high / c.target_per_replica), "up:load"
+            want, reason = math.ceil(high / target), "up:load"
         elif (c.slo_ttft_p95_s and (s.ttft_p95_s or 0) > c.slo_ttft_p95_s) or (
             c.slo_itl_p95_s and (s.itl_p95_s or 0) > c.slo_itl_p95_s
         ):
             want, reason = current + 1, "up:slo"
         elif c.kv_usage_high and (s.kv_usage or 0) > c.kv_usage_high and s.waiting > 0:
             want, reason = current + 1, "up:kv"  # the KV cache, not the request count, is full
-        elif current > 0 and stable < current * c.target_per_replica * (1 - c.down_band):
+        elif current > 0 and stable < current * target * (1 - c.down_band):
             # Never down to a count the window's peak would push straight back up (no flapping).
             peak = max(load for _, load in self.samples)
-            floor = math.ceil(peak / (c.target_per_replica * (1 + c.up_band)))
-            want = max(math.ceil(stable / c.target_per_replica), floor)
+            floor = math.ceil(peak / (target * (1 + c.up_band)))
+            want = max(math.ceil(stable / target), floor)
             reason = "down:load" if want < current else "up:peak"
         if want > current:
             if reason != "up:panic" and s.now - self.last_up < c.upscale_cooldown_s:

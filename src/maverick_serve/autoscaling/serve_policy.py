@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from maverick_serve.autoscaling.budget import fit_gpu_budget
-from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy, TierSignals
+from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy
+from maverick_serve.autoscaling.signals import TierSignals
 from maverick_serve.config.autoscaling import TierScalingConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.observability.catalogue import AUTOSCALER_METRICS
@@ -39,8 +40,9 @@ class _DecisionMetrics:
     def __init__(self) -> None:
         self.m = MetricSet(AUTOSCALER_METRICS)
 
-    def record(self, tier: str, replicas: int, reason: str, load: float | None) -> None:
+    def record(self, tier: str, replicas: int, reason: str, load: float | None, target: float) -> None:
         self.m.set("maverick_autoscaler_desired_replicas", replicas, {"tier": tier})
+        self.m.set("maverick_autoscaler_target_per_replica", target, {"tier": tier})
         if load is not None:
             self.m.set("maverick_autoscaler_load", load, {"tier": tier})
         self.m.inc("maverick_autoscaler_decisions", 1, {"tier": tier, "reason": reason})
@@ -142,6 +144,22 @@ def _log_change(tier: str, before: int, decision: Decision, load: float | None, 
         )
 
 
+def _decide(tier: str, policy: LoadTargetPolicy, signals: TierSignals) -> Decision:
+    """The policy's decision; a change of the learned capacity is logged with the latencies behind it."""
+    before = policy.target
+    decision = policy.decide(signals)
+    if policy.target != before:
+        logger.info(
+            "autoscaler %s: target_per_replica %.3g -> %.3g (learned; ttft p95 %s, itl p95 %s)",
+            tier,
+            before,
+            policy.target,
+            signals.ttft_p95_s,
+            signals.itl_p95_s,
+        )
+    return decision
+
+
 class TierAutoscaler:
     """Deployment-level: one tier, its own signals, no shared budget."""
 
@@ -153,12 +171,17 @@ class TierAutoscaler:
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         signals = tier_signals(self.tier, ctx, self.policy.cfg, None)
-        decision = self.policy.decide(signals)
+        decision = _decide(self.tier, self.policy, signals)
         _log_change(self.tier, ctx.target_num_replicas, decision, signals.load, self.last_reason)
         self.last_reason = decision.reason
+        target = self.policy.target
         if self.metrics is not None:
-            self.metrics.record(self.tier, decision.replicas, decision.reason, signals.load)
-        return decision.replicas, {"reason": decision.reason, "load": signals.load}
+            self.metrics.record(self.tier, decision.replicas, decision.reason, signals.load, target)
+        return decision.replicas, {
+            "reason": decision.reason,
+            "load": signals.load,
+            "target_per_replica": target,
+        }
 
 
 class ClusterAutoscaler:
@@ -196,7 +219,7 @@ class ClusterAutoscaler:
         loads: dict[str, float | None] = {}
         for tier, (_, ctx) in by_tier.items():
             signals = tier_signals(tier, ctx, getattr(self.cfg, tier), router_ctx)
-            decisions[tier], loads[tier] = self.policies[tier].decide(signals), signals.load
+            decisions[tier], loads[tier] = _decide(tier, self.policies[tier], signals), signals.load
         current = {tier: ctx.target_num_replicas for tier, (_, ctx) in by_tier.items()}
         fitted = fit_gpu_budget(
             {t: d.replicas for t, d in decisions.items()},
@@ -214,8 +237,9 @@ class ClusterAutoscaler:
                 decision = Decision(fitted[tier], "budget")
             _log_change(tier, current[tier], decision, loads[tier], self.last_reason.get(tier, ""))
             self.last_reason[tier] = decision.reason
+            target = self.policies[tier].target
             if self.metrics is not None:
-                self.metrics.record(tier, decision.replicas, decision.reason, loads[tier])
+                self.metrics.record(tier, decision.replicas, decision.reason, loads[tier], target)
             out[dep] = decision.replicas
-            state[dep] = {"reason": decision.reason, "load": loads[tier]}
+            state[dep] = {"reason": decision.reason, "load": loads[tier], "target_per_replica": target}
         return out, state

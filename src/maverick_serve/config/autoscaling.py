@@ -10,6 +10,35 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 TierName = Literal["prefill", "engine", "router"]
 
 
+class CapacityLearningConfig(BaseModel):
+    """Learn `target_per_replica` from the tier's latency SLO (autoscaling/capacity.py): shrink it
+    when a p95 breaks its SLO at about the target load, grow it when every p95 is well under its
+    SLO at the target load or more. Engine tier only (the tier that reports latencies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Learn the load one replica carries (needs an SLO on the tier).")
+    min_target: float = Field(1.0, gt=0, description="The learned target never goes below this.")
+    max_target: float = Field(64.0, gt=0, description="The learned target never goes above this.")
+    interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds between two judgements of the target; latencies are not judged for half "
+        "of it after a change, so at least 2 x autoscaling.signal_window_s (the latency window).",
+    )
+    shrink: float = Field(0.25, gt=0, lt=1, description="Fraction the target loses when the SLO breaks.")
+    grow: float = Field(0.1, gt=0, lt=1, description="Fraction the target gains when latency has room.")
+    headroom: float = Field(
+        0.8, gt=0, lt=1, description="Grow only while every p95 is below headroom x its SLO."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CapacityLearningConfig:
+        if self.min_target > self.max_target:
+            raise ValueError(f"min_target ({self.min_target}) exceeds max_target ({self.max_target})")
+        return self
+
+
 class TierScalingConfig(BaseModel):
     """One tier's policy. Load is the tier's own unit (engine: running + waiting requests; prefill:
     long-prompt tokens per second; router: ongoing requests); `target_per_replica` is what one
@@ -45,6 +74,10 @@ class TierScalingConfig(BaseModel):
         le=1,
         description="Scale up while the mean KV-cache usage is above this and requests wait (engine).",
     )
+    learn_capacity: CapacityLearningConfig = Field(
+        default_factory=CapacityLearningConfig,
+        description="Learn target_per_replica from the SLOs instead of keeping the configured one.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TierScalingConfig:
@@ -52,6 +85,15 @@ class TierScalingConfig(BaseModel):
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         if self.panic_window_s > self.stable_window_s:
             raise ValueError("panic_window_s must not exceed stable_window_s")
+        learn = self.learn_capacity
+        if learn.enabled:
+            if self.slo_ttft_p95_s is None and self.slo_itl_p95_s is None:
+                raise ValueError("learn_capacity needs slo_ttft_p95_s or slo_itl_p95_s to learn from")
+            if not learn.min_target <= self.target_per_replica <= learn.max_target:
+                raise ValueError(
+                    f"target_per_replica ({self.target_per_replica}) must lie within learn_capacity's "
+                    f"[min_target, max_target] ([{learn.min_target}, {learn.max_target}])"
+                )
         return self
 
 
@@ -104,3 +146,20 @@ class AutoscalingConfig(BaseModel):
     metrics_push_interval_s: float = Field(
         2.0, gt=0, description="How often replicas push their autoscaling stats to Serve's controller."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        for tier in ("router", "prefill"):
+            if getattr(self, tier).learn_capacity.enabled:
+                raise ValueError(
+                    f"autoscaling.{tier}.learn_capacity: only the engine tier reports the latencies "
+                    "a capacity is learned from"
+                )
+        learn = self.engine.learn_capacity
+        if learn.enabled and learn.interval_s < 2 * self.signal_window_s:
+            raise ValueError(
+                f"autoscaling.engine.learn_capacity.interval_s ({learn.interval_s}) is shorter than "
+                f"2 x signal_window_s ({2 * self.signal_window_s}): a change would be judged on "
+                "latencies from before the previous one"
+            )
+        return self

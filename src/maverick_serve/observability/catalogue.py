@@ -175,6 +175,8 @@ AUTOSCALER_METRICS = (
                "Replicas the tier's policy asks for.", ("tier",)),
     MetricSpec("maverick_autoscaler_load", "gauge", "tier unit",
                "The load the tier's policy saw.", ("tier",)),
+    MetricSpec("maverick_autoscaler_target_per_replica", "gauge", "tier unit",
+               "Load per replica the policy aims at: configured, or learned.", ("tier",)),
     MetricSpec("maverick_autoscaler_decisions", "counter", "decisions",
                "Autoscaling decisions by reason (up:*, down:*, hold:*, clamp, budget).", ("tier", "reason")),
 )  # fmt: skip

@@ -262,7 +262,10 @@ AUTOSCALING = Dashboard(
             ('sum by (deployment) (ray_serve_deployment_replica_healthy{deployment=~"$deployment"})',
              "{{deployment}} running"),
         ]),
-        Panel("Load seen per tier", [("max by (tier) (ray_maverick_autoscaler_load)", "{{tier}}")]),
+        Panel("Load seen per tier", [
+            ("max by (tier) (ray_maverick_autoscaler_load)", "{{tier}} load"),
+            ("max by (tier) (ray_maverick_autoscaler_target_per_replica)", "{{tier}} target per replica"),
+        ]),
         Panel("Decisions by reason", [
             (f"sum by (tier, reason) (rate(ray_maverick_autoscaler_decisions_total[{RI}]))",
              "{{tier}} {{reason}}"),
