@@ -115,6 +115,13 @@ def test_changes_are_rate_limited_bounded_and_need_evidence() -> None:
     assert [
         learner.observe(TierSignals(now=float(t), replicas=1, load=8.0, **broken)) for t in range(600, 900)
     ] == [None] * 300
+    # Serve's target is 4 replicas (4 requests each) but 1 runs, the others still start: it
+    # carries all 16, twice the target, so the breach is not the target's.
+    starting = CapacityLearner(cfg)
+    for t in range(300):
+        signal = TierSignals(now=float(t), replicas=4, running=1, load=16.0, **broken)
+        assert starting.observe(signal) is None
+    assert starting.target == 8.0
     busy = CapacityLearner(cfg)
     for t in range(300):
         assert busy.observe(TierSignals(now=float(t), replicas=1, load=12.0, **broken)) is None

@@ -51,11 +51,14 @@ class CapacityLearner:
 
     def observe(self, s: TierSignals) -> str | None:
         """Record one fresh signal; returns "learn:shrink" or "learn:grow" when the target moved."""
-        if not self.learn.enabled or s.load is None or s.replicas <= 0:
+        # The replicas running, not Serve's target: while added ones start (minutes for a GPU
+        # node) the running ones carry the load, and a breach then is theirs.
+        replicas = s.replicas if s.running is None else s.running
+        if not self.learn.enabled or s.load is None or replicas <= 0:
             return None
         if self.started is None:
             self.started = self.last_judgement = s.now
-        self.per_replica.append((s.now, s.load / s.replicas))
+        self.per_replica.append((s.now, s.load / replicas))
         while self.per_replica and s.now - self.per_replica[0][0] > self.learn.interval_s:
             self.per_replica.popleft()
         # For half an interval after a change the replicas' latency window (at most half an

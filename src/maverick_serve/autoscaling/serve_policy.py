@@ -98,6 +98,7 @@ def engine_signals(ctx: Any, now: float, stale_after_s: float = 15.0) -> TierSig
         itl_p95_s=max(_values(ctx, "itl_p95_s"), default=None),
         kv_usage=sum(kv) / len(kv) if kv else None,
         waiting=sum(waiting),
+        running=None if ctx.running_replicas is None else len(ctx.running_replicas),
     )
 
 
