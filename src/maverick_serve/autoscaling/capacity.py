@@ -4,14 +4,14 @@
 mix; a wrong one either breaks the SLO (too high) or pays for idle replicas (too low). The
 learner moves it against the tier's latency SLO, in the way Dynamo's planner corrects its
 profiled per-GPU capacity by observed TTFT/ITL and AIBrix rate-limits its changes:
-- shrink (multiplicative, fast) when a p95 went above its SLO while the replicas carried the
-  target load or less: the SLO broke at that load, so one replica carries less (a breach above
-  the target load is a scale-up still under way, not a wrong target);
-- grow (multiplicative, slower) when every p95 is well under its SLO (below `headroom` x SLO)
-  while the replicas carried about the target load (within the down band): they carry it with
-  room to spare;
-- learn nothing when the replicas carried much less than the target (latency at low load says
-  nothing about capacity), or on stale, missing or zero-replica signals.
+- shrink by `shrink` (multiplicative, fast) when a p95 went above its SLO while the replicas
+  carried no more than the target load (up band included): the SLO broke at that load, so one
+  replica carries less (a breach above it is a scale-up still under way, not a wrong target);
+- grow by `grow` (multiplicative, slower) when every p95 stayed under `headroom` x its SLO while
+  the replicas carried at least the target load less the down band: they carry it with room
+  to spare;
+- learn nothing otherwise: good latency at a light load says nothing about capacity, and stale,
+  missing or zero-replica signals say nothing at all.
 One judgement per `interval_s`, on the worst p95 / SLO seen since the last one and the mean load
 per replica over the interval; for half an interval after a change, latencies are not judged
 (the replicas' latency window still holds ones from under the old target).
@@ -37,8 +37,8 @@ class CapacityLearner:
         self.per_replica: deque[tuple[float, float]] = deque()
         self.worst: float | None = None  # the worst settled p95 / SLO since the last judgement
         self.last_change = -math.inf  # when the target last moved
-        self.last_judgement = -math.inf
-        self.started: float | None = None
+        self.last_judgement: float | None = None  # None: no signal yet
+        self.judged: tuple[float, float] | None = None  # (worst p95 / SLO, mean load) last judged
 
     def _slo_ratio(self, s: TierSignals) -> float | None:
         """The worst p95 / SLO over the SLOs that are set and reported (None: nothing to judge)."""
@@ -56,8 +56,8 @@ class CapacityLearner:
         replicas = s.replicas if s.running is None else s.running
         if not self.learn.enabled or s.load is None or replicas <= 0:
             return None
-        if self.started is None:
-            self.started = self.last_judgement = s.now
+        if self.last_judgement is None:
+            self.last_judgement = s.now
         self.per_replica.append((s.now, s.load / replicas))
         while self.per_replica and s.now - self.per_replica[0][0] > self.learn.interval_s:
             self.per_replica.popleft()
@@ -66,16 +66,22 @@ class CapacityLearner:
         settled = s.now - self.last_change >= self.learn.interval_s / 2
         if settled and (ratio := self._slo_ratio(s)) is not None:
             self.worst = ratio if self.worst is None else max(self.worst, ratio)
-        if s.now - self.last_judgement < self.learn.interval_s or self.worst is None:
+        if s.now - self.last_judgement < self.learn.interval_s:
             return None
-        ratio, self.worst, self.last_judgement = self.worst, None, s.now
+        # One judgement per interval, with or without latencies to judge (a first reading after
+        # an idle spell waits for the next boundary instead of being judged alone at once).
+        worst, self.worst, self.last_judgement = self.worst, None, s.now
+        if worst is None:
+            return None
         mean = sum(load for _, load in self.per_replica) / len(self.per_replica)
+        self.judged = (worst, mean)
         before = self.target
-        # A breach while the replicas carried more than the target is a scale-up still under way
-        # (too few replicas), not a wrong target; one at or below it is.
-        if ratio > 1.0 and mean <= before * (1 + self.cfg.up_band):
-            self.target = max(self.learn.min_target, min(before, mean) * (1 - self.learn.shrink))
-        elif ratio < self.learn.headroom and mean >= before * (1 - self.cfg.down_band):
+        # A breach while the replicas carried more than the target (past the up band) is a
+        # scale-up still under way, not a wrong target. The step is bounded, so one breach at a
+        # light load (a cold replica, one long prompt) costs `shrink` of the target, not all of it.
+        if worst > 1.0 and mean <= before * (1 + self.cfg.up_band):
+            self.target = max(self.learn.min_target, before * (1 - self.learn.shrink))
+        elif worst < self.learn.headroom and mean >= before * (1 - self.cfg.down_band):
             self.target = min(self.learn.max_target, before * (1 + self.learn.grow))
         if self.target == before:
             return None

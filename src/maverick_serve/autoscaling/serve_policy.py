@@ -89,13 +89,16 @@ def engine_signals(ctx: Any, now: float, stale_after_s: float = 15.0) -> TierSig
     else:
         load = None  # no fresh report and nothing ongoing that Serve knows of: hold
     kv = _values(ctx, "kv_usage")
+    # Latencies come in the same push as `running`: a stale push's are stale too (the SLO guard
+    # and learned capacity must not act on them).
+    fresh = reported is not None
     return TierSignals(
         now=now,
         replicas=ctx.target_num_replicas,
         load=load,
         age_s=age,
-        ttft_p95_s=max(_values(ctx, "ttft_p95_s"), default=None),
-        itl_p95_s=max(_values(ctx, "itl_p95_s"), default=None),
+        ttft_p95_s=max(_values(ctx, "ttft_p95_s"), default=None) if fresh else None,
+        itl_p95_s=max(_values(ctx, "itl_p95_s"), default=None) if fresh else None,
         kv_usage=sum(kv) / len(kv) if kv else None,
         waiting=sum(waiting),
         running=None if ctx.running_replicas is None else len(ctx.running_replicas),
@@ -146,17 +149,17 @@ def _log_change(tier: str, before: int, decision: Decision, load: float | None, 
 
 
 def _decide(tier: str, policy: LoadTargetPolicy, signals: TierSignals) -> Decision:
-    """The policy's decision; a change of the learned capacity is logged with the latencies behind it."""
+    """The policy's decision; a change of the learned capacity is logged with what it was judged on."""
     before = policy.target
     decision = policy.decide(signals)
-    if policy.target != before:
+    if policy.target != before and (judged := policy.capacity.judged) is not None:
         logger.info(
-            "autoscaler %s: target_per_replica %.3g -> %.3g (learned; ttft p95 %s, itl p95 %s)",
+            "autoscaler %s: target_per_replica %.3g -> %.3g (learned: worst p95 / SLO %.2f at %.3g "
+            "per running replica over the interval)",
             tier,
             before,
             policy.target,
-            signals.ttft_p95_s,
-            signals.itl_p95_s,
+            *judged,
         )
     return decision
 

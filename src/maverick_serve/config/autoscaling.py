@@ -12,8 +12,8 @@ TierName = Literal["prefill", "engine", "router"]
 
 class CapacityLearningConfig(BaseModel):
     """Learn `target_per_replica` from the tier's latency SLO (autoscaling/capacity.py): shrink it
-    when a p95 breaks its SLO at about the target load, grow it when every p95 is well under its
-    SLO at the target load or more. Engine tier only (the tier that reports latencies)."""
+    when a p95 breaks its SLO at no more than the target load, grow it when every p95 is well
+    under its SLO at about the target load or more. Engine tier only (it reports latencies)."""
 
     model_config = ConfigDict(extra="forbid")
 
