@@ -79,18 +79,23 @@ def cluster(tiny_model: Path, redis_process: RedisProcess) -> Iterator[Cluster]:
 
 
 def _kill_prefill(_: Cluster) -> None:
-    """Kill the prefill replica while it is computing a hand-off (its engine has a request)."""
+    """Kill the prefill replica while it computes a hand-off: a prompt sits in its engine.
+
+    `pending_prompt_tokens` is read on the replica's event loop; `stats` is not used, since the
+    engine answers it between steps, when a one-token prefill has already finished (on a slow
+    machine that read never saw one in flight). The actor is resolved first so that the kill
+    follows the read at once."""
     (victim,) = replica_actors(APP, PREFILL_DEPLOYMENT)
+    actor = ray.get_actor(victim, namespace="serve")
     handle = serve.get_deployment_handle(PREFILL_DEPLOYMENT, app_name=APP)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        stats = handle.stats.remote().result()
-        if stats["running"] + stats["waiting"] > 0:
+        if handle.record_autoscaling_stats.remote().result()["pending_prompt_tokens"] > 0:
             break
-        time.sleep(0.02)
+        time.sleep(0.005)
     else:
         raise AssertionError("the prefill replica had no hand-off in flight for 20 s")
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    ray.kill(actor, no_restart=True)
 
 
 def _kill_expert_worker(c: Cluster) -> None:
