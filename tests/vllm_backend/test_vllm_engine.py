@@ -5,6 +5,7 @@ KV cache, and the stats the router and autoscaler read."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -159,7 +160,9 @@ def test_stats_and_autoscaling_signals_count_the_work(servers: dict[str, EngineS
     assert {"running", "waiting", "kv_usage", "pending_prompt_tokens", "ttft_p95_s"} <= set(signals)
 
 
-def test_a_dead_core_ends_every_request_with_engine_dead_and_fails_the_health_check(text_model: Path) -> None:
+def test_a_dead_core_ends_every_request_with_engine_dead_and_fails_the_health_check(
+    text_model: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Its own engine (this one dies). A request in flight and one sent right at the kill both end
     within a second or two as a 503 event, and Serve's health check then fails."""
     import psutil
@@ -168,11 +171,21 @@ def test_a_dead_core_ends_every_request_with_engine_dead_and_fails_the_health_ch
         return {p.pid: p for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()}
 
     others = engine_cores()  # the module's servers' core lives on for the tests after this one
-    server = EngineServer(_config(text_model, "vllm"), replica_name="dying")
+    # Bound to this process's last CPU core (engine.cpu_cores, as `up` does on CPU).
+    core = max(os.sched_getaffinity(0))
+    config = _config(text_model, "vllm")
+    config["engine"]["cpu_cores"] = [core]
+    server = EngineServer(config, replica_name="dying")
     try:
         _run(_events(server, _item("warm", [5, 6, 7], max_tokens=2, temperature=0.0)))
         cores = [p for pid, p in engine_cores().items() if pid not in others]
         assert cores
+        # vLLM took the binding (its EngineCore logs it); this process's environment is as it
+        # was, so an engine started after this one binds where its own config says.
+        logged = capfd.readouterr()
+        assert f"VLLM_CPU_OMP_THREADS_BIND='{core}'" in logged.out + logged.err
+        assert f"core ids=[{core}]" in logged.out + logged.err
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
 
         async def kill_under_load() -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
             long = asyncio.ensure_future(_events(server, _item("long", [5] * 50, max_tokens=5000)))
@@ -193,6 +206,23 @@ def test_a_dead_core_ends_every_request_with_engine_dead_and_fails_the_health_ch
             server.check_health()
     finally:
         server.shutdown()
+
+
+def test_the_model_is_compiled_as_vllm_serve_runs_it_unless_enforce_eager(
+    servers: dict[str, EngineServer],
+) -> None:
+    from vllm.config import CompilationMode
+
+    from maverick_serve.config.engine import VllmEngineConfig
+    from maverick_serve.engine.vllm.engine import engine_args
+
+    vllm_config = servers["vllm"].engine.llm.vllm_config  # type: ignore[attr-defined]
+    assert vllm_config.model_config.enforce_eager is False
+    assert vllm_config.compilation_config.mode != CompilationMode.NONE
+    spec = servers["vllm"].engine.spec  # type: ignore[attr-defined]
+    eager = VllmEngineConfig(enforce_eager=True)
+    assert engine_args(Path("m"), eager, "tiny", spec, False, None, None).enforce_eager is True
+    assert engine_args(Path("m"), VllmEngineConfig(), "tiny", spec, False, None, None).enforce_eager is False
 
 
 def test_prefix_cache_events_reach_the_replica_under_the_routers_block_keys(

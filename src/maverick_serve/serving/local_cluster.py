@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.config.engine import NativeEngineConfig
 from maverick_serve.net import free_port
 from maverick_serve.serving.model_store import ensure_model
 
@@ -101,7 +100,7 @@ def keep_off_engine_cores(config: ClusterConfig) -> None:
     """With `engine.cpu_cores` set on CPU, this process (and so Ray, which it starts, and every
     worker Ray starts) keeps to the other cores; each engine pins itself onto its claimed ones."""
     engine = config.engine
-    cores = engine.pinned_cores() if isinstance(engine, NativeEngineConfig) else None
+    cores = engine.pinned_cores()
     if not cores:
         return
     rest = os.sched_getaffinity(0) - set(cores)
