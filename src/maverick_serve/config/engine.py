@@ -17,6 +17,12 @@ DType = Literal["float32", "bfloat16", "float16"]
 VllmKVCacheDType = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 
 
+def _check_distinct_cores(cores: list[int]) -> None:
+    """`engine.cpu_cores` of either backend: each core once."""
+    if len(set(cores)) != len(cores):
+        raise ValueError(f"engine.cpu_cores lists a core twice: {cores}")
+
+
 class EngineCommonConfig(BaseModel):
     """Settings every engine backend has; the router and the input checks read these."""
 
@@ -118,8 +124,7 @@ class NativeEngineConfig(EngineCommonConfig):
         cores = self.cpu_cores
         if cores is None:
             return self
-        if len(set(cores)) != len(cores):
-            raise ValueError(f"engine.cpu_cores lists a core twice: {cores}")
+        _check_distinct_cores(cores)
         if self.num_threads is not None and self.num_threads > len(cores):
             raise ValueError(
                 f"engine.num_threads={self.num_threads} exceeds the {len(cores)} core(s) of "
@@ -231,8 +236,7 @@ class VllmEngineConfig(EngineCommonConfig):
             )
         cores = self.cpu_cores
         if cores is not None:
-            if len(set(cores)) != len(cores):
-                raise ValueError(f"engine.cpu_cores lists a core twice: {cores}")
+            _check_distinct_cores(cores)
             if self.gpus_per_replica > 1:
                 raise ValueError(
                     "engine.cpu_cores binds one rank; with tensor/pipeline/data parallel ranks set "
