@@ -45,6 +45,13 @@ def test_packed_experts_equal_the_grouped_matmul_path() -> None:
     experts.pack_cpu_gemms()
     assert experts.packed is not None and len(experts.packed) == 4
     torch.testing.assert_close(experts.run_experts(tokens, ids), expected, rtol=1e-4, atol=1e-3)
+    # An expert no row chose (1), rows out of expert order, one row, none.
+    unused = torch.tensor([2, 0, 3, 3, 0])
+    want = grouped_expert_forward(tokens[:5], unused, experts.gate_up_proj, experts.down_proj)
+    torch.testing.assert_close(experts.run_experts(tokens[:5], unused), want, rtol=1e-4, atol=1e-3)
+    one = grouped_expert_forward(tokens[:1], ids[:1], experts.gate_up_proj, experts.down_proj)
+    torch.testing.assert_close(experts.run_experts(tokens[:1], ids[:1]), one, rtol=1e-4, atol=1e-3)
+    assert experts.run_experts(tokens[:0], ids[:0]).shape == (0, 32)
 
 
 def _greedy(engine: NativeEngine, prompts: list[list[int]], n: int) -> tuple[list[list[int]], list[float]]:

@@ -144,17 +144,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t, d = x.shape[0], self.spec.head_dim
         if self.qkv_gemm is not None:
-            kv_width = self.num_kv_heads * d
-            q_flat, k_flat, v_flat = self.qkv_gemm(x).split([self.num_heads * d, kv_width, kv_width], dim=-1)
-            q = q_flat.view(t, self.num_heads, d)
-            k = k_flat.view(t, self.num_kv_heads, d)
-            v = v_flat.view(t, self.num_kv_heads, d)
+            qkv = self.qkv_gemm(x)
+            qk_width = (self.num_heads + self.num_kv_heads) * d
+            qk = qkv[:, :qk_width].view(t, self.num_heads + self.num_kv_heads, d)
+            if self.use_rope:  # q and k side by side: one rotation instead of two
+                qk = apply_rope(qk, freqs_cis)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, qk_width:].view(t, self.num_kv_heads, d)
         else:
             q = self.q_proj(x).view(t, self.num_heads, d)
             k = self.k_proj(x).view(t, self.num_kv_heads, d)
             v = self.v_proj(x).view(t, self.num_kv_heads, d)
-        if self.use_rope:
-            q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+            if self.use_rope:
+                q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         if self.use_qk_norm:
             q, k = l2_norm(q, self.spec.rms_norm_eps), l2_norm(k, self.spec.rms_norm_eps)
         if self.temperature_tuning and temp_scales is not None:

@@ -20,15 +20,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        # ATen's fused rms_norm computes x * rsqrt(mean(x²) + eps) with the same fp32 values as
+        # the five ops it replaces; the cast and the weight stay outside it, in Llama 4's order.
+        return l2_norm(x, self.eps) * self.weight
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama 4's parameter-free 'L2' QK norm (an RMS normalisation without weight)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    """Llama 4's parameter-free 'L2' QK norm (an RMS normalisation without weight), in fp32."""
+    return nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 class FeedForward(nn.Module):
@@ -49,7 +48,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_gemm is not None and self.down_gemm is not None:
             gate, up = self.gate_up_gemm(x).chunk(2, dim=-1)
-            return self.down_gemm(nn.functional.silu(gate) * up)
+            return self.down_gemm(nn.functional.silu(gate).mul_(up))
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
