@@ -21,8 +21,9 @@ from typing import Any
 
 from maverick_serve.autoscaling.budget import fit_gpu_budget
 from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy
+from maverick_serve.autoscaling.prometheus_signals import PrometheusLatencies, with_latencies
 from maverick_serve.autoscaling.signals import TierSignals
-from maverick_serve.config.autoscaling import TierScalingConfig
+from maverick_serve.config.autoscaling import PrometheusSignalsConfig, TierScalingConfig
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.observability.catalogue import AUTOSCALER_METRICS
 from maverick_serve.observability.ray_metrics import MetricSet
@@ -126,14 +127,26 @@ def prefill_signals(ctx: Any, now: float, router_ctx: Any | None) -> TierSignals
     return TierSignals(now=now, replicas=ctx.target_num_replicas, load=load, age_s=age)
 
 
-def tier_signals(tier: str, ctx: Any, cfg: TierScalingConfig, router_ctx: Any | None) -> TierSignals:
-    """The signals of `tier` from its deployment's context (prefill also reads the routers')."""
+def tier_signals(
+    tier: str,
+    ctx: Any,
+    cfg: TierScalingConfig,
+    router_ctx: Any | None,
+    prometheus: PrometheusLatencies | None = None,
+) -> TierSignals:
+    """The signals of `tier` from its deployment's context (prefill also reads the routers'; the
+    engine tier's latency p95s come from Prometheus where that is configured and answering)."""
     now = _now(ctx)
     if tier == "engine":
-        return engine_signals(ctx, now, cfg.stale_after_s)
+        signals = engine_signals(ctx, now, cfg.stale_after_s)
+        return signals if prometheus is None else with_latencies(signals, prometheus.latest())
     if tier == "prefill":
         return prefill_signals(ctx, now, router_ctx)
     return router_signals(ctx, now)
+
+
+def _prometheus_or_none(cfg: PrometheusSignalsConfig | None) -> PrometheusLatencies | None:
+    return PrometheusLatencies(cfg) if cfg is not None and cfg.enabled else None
 
 
 def _log_change(tier: str, before: int, decision: Decision, load: float | None, last: str) -> None:
@@ -167,14 +180,17 @@ def _decide(tier: str, policy: LoadTargetPolicy, signals: TierSignals) -> Decisi
 class TierAutoscaler:
     """Deployment-level: one tier, its own signals, no shared budget."""
 
-    def __init__(self, tier: str, config: dict[str, Any]) -> None:
+    def __init__(self, tier: str, config: dict[str, Any], prometheus: dict[str, Any] | None = None) -> None:
         self.tier = tier
         self.policy = LoadTargetPolicy(TierScalingConfig.model_validate(config))
+        self.prometheus = _prometheus_or_none(
+            None if prometheus is None else PrometheusSignalsConfig.model_validate(prometheus)
+        )
         self.last_reason = ""
         self.metrics = _metrics_or_none()
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        signals = tier_signals(self.tier, ctx, self.policy.cfg, None)
+        signals = tier_signals(self.tier, ctx, self.policy.cfg, None, self.prometheus)
         decision = _decide(self.tier, self.policy, signals)
         _log_change(self.tier, ctx.target_num_replicas, decision, signals.load, self.last_reason)
         self.last_reason = decision.reason
@@ -207,6 +223,7 @@ class ClusterAutoscaler:
         self.tiers = {name: tier for name, tier in deployments.items() if tier in self.costs}
         self.colocated = config.router.colocated
         self.policies = {tier: LoadTargetPolicy(getattr(self.cfg, tier)) for tier in self.tiers.values()}
+        self.prometheus = _prometheus_or_none(self.cfg.prometheus)
         self.last_reason: dict[str, str] = {}
         self.metrics = _metrics_or_none()
 
@@ -222,7 +239,7 @@ class ClusterAutoscaler:
         decisions: dict[str, Decision] = {}
         loads: dict[str, float | None] = {}
         for tier, (_, ctx) in by_tier.items():
-            signals = tier_signals(tier, ctx, getattr(self.cfg, tier), router_ctx)
+            signals = tier_signals(tier, ctx, getattr(self.cfg, tier), router_ctx, self.prometheus)
             decisions[tier], loads[tier] = _decide(tier, self.policies[tier], signals), signals.load
         current = {tier: ctx.target_num_replicas for tier, (_, ctx) in by_tier.items()}
         fitted = fit_gpu_budget(

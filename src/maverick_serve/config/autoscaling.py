@@ -3,6 +3,7 @@ one GPU budget shared by the tiers."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -97,6 +98,56 @@ class TierScalingConfig(BaseModel):
         return self
 
 
+# One PromQL label matcher (`name="value"`, `=`, `!=`, `=~` or `!~`), comma-separated.
+_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
+_SELECTOR = re.compile(rf"^(?:{_MATCHER}(?:,{_MATCHER})*,?)?$")
+
+
+class PrometheusSignalsConfig(BaseModel):
+    """Optional, on clusters: the engine tier's TTFT and inter-token p95 from Prometheus, over
+    every replica's histogram (`histogram_quantile` over `rate`), instead of the highest of the
+    replicas' own windowed p95s. Load still comes from the replicas' pushes (fresher than a
+    scrape). Fetched in the background by Serve's `PrometheusQueryMixin`; while Prometheus is
+    unset, unreachable, stale or has no requests in the window, the pushed p95s are used.
+    Authorisation headers come from `RAY_PROMETHEUS_HEADERS` (Ray's variable), never from here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Take the engine tier's latency p95s from Prometheus.")
+    address: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="Base URL of Prometheus (http[s]://host:port[/path]); None: RAY_PROMETHEUS_HOST of "
+        "Serve's controller (the chart sets it on the head from monitoring.prometheusHost).",
+    )
+    selector: str = Field(
+        "",
+        description='PromQL label matchers added to each query, e.g. `ray_io_cluster="maverick"` when '
+        "one Prometheus scrapes several clusters.",
+    )
+    window_s: float = Field(
+        60.0, ge=10, description="Rate window of the quantiles; at least four scrape intervals."
+    )
+    fetch_interval_s: float = Field(5.0, gt=0, description="Seconds between two background queries.")
+    max_age_s: float = Field(
+        30.0, gt=0, description="Results older than this are not used (the pushed p95s are)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PrometheusSignalsConfig:
+        if not _SELECTOR.match(self.selector):
+            raise ValueError(
+                f"autoscaling.prometheus.selector {self.selector!r} is not a list of PromQL label "
+                'matchers like name="value", name=~"regex"'
+            )
+        if self.max_age_s < self.fetch_interval_s:
+            raise ValueError(
+                f"autoscaling.prometheus.max_age_s ({self.max_age_s}) is shorter than fetch_interval_s "
+                f"({self.fetch_interval_s}): every result would be too old before the next one"
+            )
+        return self
+
+
 def _router_default() -> TierScalingConfig:
     return TierScalingConfig(min_replicas=1, max_replicas=4, target_per_replica=128.0)
 
@@ -145,6 +196,10 @@ class AutoscalingConfig(BaseModel):
     )
     metrics_push_interval_s: float = Field(
         2.0, gt=0, description="How often replicas push their autoscaling stats to Serve's controller."
+    )
+    prometheus: PrometheusSignalsConfig = Field(
+        default_factory=PrometheusSignalsConfig,
+        description="Optional: the engine tier's TTFT / inter-token p95 from Prometheus on a cluster.",
     )
 
     @model_validator(mode="after")

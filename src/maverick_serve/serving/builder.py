@@ -148,7 +148,15 @@ def tier_autoscaling(config: ClusterConfig, tier: str) -> dict[str, Any]:
             "look_back_period_s": max(a.metrics_push_interval_s * 2, 10.5),
             "policy": {
                 "policy_function": TIER_POLICY_PATH,
-                "policy_kwargs": {"tier": tier, "config": t.model_dump(mode="json")},
+                "policy_kwargs": {
+                    "tier": tier,
+                    "config": t.model_dump(mode="json"),
+                    **(
+                        {"prometheus": a.prometheus.model_dump(mode="json")}
+                        if tier == "engine" and a.prometheus.enabled
+                        else {}
+                    ),
+                },
             },
         },
         # Replicas push their stats this often (Serve reads the interval from the environment).
