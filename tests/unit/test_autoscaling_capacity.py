@@ -252,3 +252,53 @@ def test_itl_slo_alone_is_enough_to_learn_from() -> None:
 def test_bad_learning_settings_are_refused(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(message)):
         AutoscalingConfig.model_validate({"enabled": True, **settings})
+
+
+def test_a_restarted_controller_resumes_the_learned_target_unless_the_settings_changed() -> None:
+    from test_autoscaling_policies import _ctx
+
+    from maverick_serve.autoscaling.learned_store import MemoryTargetStore
+    from maverick_serve.autoscaling.serve_policy import TierAutoscaler
+
+    store = MemoryTargetStore()
+    cfg = tier(8.0, learn=True).model_dump(mode="json")
+    metrics = {"running": {"r1": 8.0, "r2": 8.0}, "waiting": {}, "ttft_p95_s": {"r1": 3.0, "r2": 0.5}}
+
+    def tick(scaler: TierAutoscaler, t: float) -> float:
+        ctx = _ctx(2, None, None, metrics=metrics)
+        ctx.running_replicas, ctx.current_time = ["r1", "r2"], 100.0 + t
+        return float(scaler(ctx)[1]["target_per_replica"])
+
+    first = TierAutoscaler("engine", cfg, store=store)
+    assert [tick(first, t) for t in range(61)][-1] == pytest.approx(6.0)
+    assert list(store.values) == ["maverick/engine"]  # <app>/<tier>
+    restarted = TierAutoscaler("engine", cfg, store=store)
+    assert tick(restarted, 0) == pytest.approx(6.0)  # not the configured 8 again
+    changed = TierAutoscaler("engine", {**cfg, "slo_ttft_p95_s": 2.0}, store=store)
+    assert tick(changed, 0) == 8.0  # learned under another SLO: starts from the configuration
+    no_learning = TierAutoscaler("engine", tier(8.0, learn=False).model_dump(mode="json"), store=store)
+    assert tick(no_learning, 0) == 8.0
+
+
+@pytest.mark.parametrize(
+    "raw", ["not json", '{"target": "NaN", "basis": {}}', '{"target": -1, "basis": {}}', "[]"]
+)
+def test_a_garbled_stored_target_is_ignored(raw: str) -> None:
+    from maverick_serve.autoscaling.learned_store import MemoryTargetStore
+
+    store = MemoryTargetStore()
+    store.values["maverick/engine"] = raw
+    assert store.load("maverick/engine", {}) is None
+    store.save("maverick/engine", 6.0, {})
+    assert store.load("maverick/engine", {}) == 6.0
+
+
+def test_outside_ray_the_kv_store_keeps_nothing_and_never_raises() -> None:
+    import ray
+
+    from maverick_serve.autoscaling.learned_store import RayKvTargetStore
+
+    assert not ray.is_initialized()
+    store = RayKvTargetStore()
+    store.save("maverick/engine", 6.0, {})
+    assert store.load("maverick/engine", {}) is None

@@ -40,6 +40,13 @@ class CapacityLearner:
         self.last_judgement: float | None = None  # None: no signal yet
         self.judged: tuple[float, float] | None = None  # (worst p95 / SLO, mean load) last judged
 
+    def resume(self, target: float) -> float:
+        """Start from a target learned before (a restarted controller), within the bounds; returns
+        the target now held."""
+        if self.learn.enabled:
+            self.target = min(self.learn.max_target, max(self.learn.min_target, target))
+        return self.target
+
     def _slo_ratio(self, s: TierSignals) -> float | None:
         """The worst p95 / SLO over the SLOs that are set and reported (None: nothing to judge)."""
         ratios = [

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from maverick_serve.autoscaling.budget import fit_gpu_budget
+from maverick_serve.autoscaling.learned_store import LearnedTargetStore, RayKvTargetStore
 from maverick_serve.autoscaling.policy import Decision, LoadTargetPolicy
 from maverick_serve.autoscaling.prometheus_signals import PrometheusLatencies, with_latencies
 from maverick_serve.autoscaling.signals import TierSignals
@@ -161,27 +162,79 @@ def _log_change(tier: str, before: int, decision: Decision, load: float | None, 
         )
 
 
-def _decide(tier: str, policy: LoadTargetPolicy, signals: TierSignals) -> Decision:
-    """The policy's decision; a change of the learned capacity is logged with what it was judged on."""
+class LearnedTargets:
+    """Keeps each tier's learned target in a `LearnedTargetStore` under "<app>/<tier>": resumed
+    on the tier's first tick (a restarted controller), saved on every change."""
+
+    def __init__(self, store: LearnedTargetStore) -> None:
+        self.store = store
+        self.resumed: set[str] = set()
+
+    @staticmethod
+    def basis(cfg: TierScalingConfig) -> dict[str, Any]:
+        """The settings a target is learned under; a change to any of them starts afresh."""
+        return cfg.model_dump(
+            mode="json",
+            include={
+                "target_per_replica",
+                "up_band",
+                "down_band",
+                "slo_ttft_p95_s",
+                "slo_itl_p95_s",
+                "learn_capacity",
+            },
+        )
+
+    def resume(self, app: str, tier: str, policy: LoadTargetPolicy) -> None:
+        if tier in self.resumed or not policy.cfg.learn_capacity.enabled:
+            return
+        self.resumed.add(tier)
+        stored = self.store.load(f"{app}/{tier}", self.basis(policy.cfg))
+        if stored is not None:
+            logger.info(
+                "autoscaler %s: target_per_replica %.3g resumed (learned before this controller started)",
+                tier,
+                policy.capacity.resume(stored),
+            )
+
+    def save(self, app: str, tier: str, policy: LoadTargetPolicy) -> None:
+        self.store.save(f"{app}/{tier}", policy.target, self.basis(policy.cfg))
+
+
+def _decide(
+    tier: str, policy: LoadTargetPolicy, signals: TierSignals, learned: LearnedTargets, app: str
+) -> Decision:
+    """The policy's decision; a change of the learned capacity is logged with what it was judged
+    on and stored."""
+    learned.resume(app, tier, policy)
     before = policy.target
     decision = policy.decide(signals)
-    if policy.target != before and (judged := policy.capacity.judged) is not None:
-        logger.info(
-            "autoscaler %s: target_per_replica %.3g -> %.3g (learned: worst p95 / SLO %.2f at %.3g "
-            "per running replica over the interval)",
-            tier,
-            before,
-            policy.target,
-            *judged,
-        )
+    if policy.target != before:
+        learned.save(app, tier, policy)
+        if (judged := policy.capacity.judged) is not None:
+            logger.info(
+                "autoscaler %s: target_per_replica %.3g -> %.3g (learned: worst p95 / SLO %.2f at %.3g "
+                "per running replica over the interval)",
+                tier,
+                before,
+                policy.target,
+                *judged,
+            )
     return decision
 
 
 class TierAutoscaler:
     """Deployment-level: one tier, its own signals, no shared budget."""
 
-    def __init__(self, tier: str, config: dict[str, Any], prometheus: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tier: str,
+        config: dict[str, Any],
+        prometheus: dict[str, Any] | None = None,
+        store: LearnedTargetStore | None = None,
+    ) -> None:
         self.tier = tier
+        self.learned = LearnedTargets(store or RayKvTargetStore())
         self.policy = LoadTargetPolicy(TierScalingConfig.model_validate(config))
         self.prometheus = _prometheus_or_none(
             None if prometheus is None else PrometheusSignalsConfig.model_validate(prometheus)
@@ -191,7 +244,7 @@ class TierAutoscaler:
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         signals = tier_signals(self.tier, ctx, self.policy.cfg, None, self.prometheus)
-        decision = _decide(self.tier, self.policy, signals)
+        decision = _decide(self.tier, self.policy, signals, self.learned, ctx.app_name)
         _log_change(self.tier, ctx.target_num_replicas, decision, signals.load, self.last_reason)
         self.last_reason = decision.reason
         target = self.policy.target
@@ -212,8 +265,11 @@ class ClusterAutoscaler:
     settings and what one replica of each holds of the budget resource. Deployments not in the
     map keep their count."""
 
-    def __init__(self, deployments: dict[str, str], cluster: dict[str, Any]) -> None:
+    def __init__(
+        self, deployments: dict[str, str], cluster: dict[str, Any], store: LearnedTargetStore | None = None
+    ) -> None:
         config = ClusterConfig.model_validate(cluster)
+        self.learned = LearnedTargets(store or RayKvTargetStore())
         self.cfg = config.autoscaling
         self.costs = config.scaling_costs()
         # The expert workers (one EP group shared by every engine replica) hold their part always.
@@ -240,7 +296,8 @@ class ClusterAutoscaler:
         loads: dict[str, float | None] = {}
         for tier, (_, ctx) in by_tier.items():
             signals = tier_signals(tier, ctx, getattr(self.cfg, tier), router_ctx, self.prometheus)
-            decisions[tier], loads[tier] = _decide(tier, self.policies[tier], signals), signals.load
+            decision = _decide(tier, self.policies[tier], signals, self.learned, ctx.app_name)
+            decisions[tier], loads[tier] = decision, signals.load
         current = {tier: ctx.target_num_replicas for tier, (_, ctx) in by_tier.items()}
         fitted = fit_gpu_budget(
             {t: d.replicas for t, d in decisions.items()},
