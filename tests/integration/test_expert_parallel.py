@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,3 +244,49 @@ def test_rebalance_between_steps_mid_generation(tiny_model: Path, reference: dic
         assert engine.stats().expert_rebalances_total == tier.rebalances
     finally:
         tier.shutdown()
+
+
+def _gone(name: str) -> bool:
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return True
+    return False
+
+
+def test_expert_groups_follow_the_engines(tiny_model: Path, reference: dict[str, list[int]]) -> None:
+    """engines_per_group: 1: each engine starts its own EP group; the group stops with its engine
+    (left, or its lease lapsed), the other engine keeps its workers and its tokens."""
+    from maverick_serve.experts.groups import group_worker_name
+
+    cfg = _experts(2, engines_per_group=1, group_lease_s=6)
+    a = load_native_engine(tiny_model, ENGINE, cfg)
+    b = load_native_engine(tiny_model, ENGINE, cfg)
+    ta, tb = a.expert_tier, b.expert_tier
+    assert ta is not None and tb is not None
+    registry = ray.get_actor(f"{cfg.name_prefix}-groups")
+    try:
+        assert ta.group_name != tb.group_name
+        assert ray.get(registry.groups.remote()) == {ta.group_name: [ta.member], tb.group_name: [tb.member]}
+        assert _generate(a, _prompts()) == reference and _generate(b, _prompts()) == reference
+        ta.release()  # engine a's replica stopped (scale-down): its group goes, b's stays
+        assert ray.get(registry.stopped_groups.remote()) == [ta.group_name]
+        assert all(_gone(group_worker_name(ta.group_name, i)) for i in range(2))
+        assert not any(_gone(group_worker_name(tb.group_name, i)) for i in range(2))
+        assert _generate(b, _prompts()) == reference
+        # Engine b dies without leaving (its lease stops being renewed): its group is stopped once
+        # the lease lapses, on the registry's next call.
+        tb._heartbeat_stop.set()
+        time.sleep(6.5)
+        assert ray.get(registry.groups.remote()) == {}
+        assert ray.get(registry.stopped_groups.remote()) == [ta.group_name, tb.group_name]
+        assert all(_gone(group_worker_name(tb.group_name, i)) for i in range(2))
+        # A new engine (scale-up) starts a group again, under a new name, and serves the same tokens.
+        c = load_native_engine(tiny_model, ENGINE, cfg)
+        assert c.expert_tier is not None and c.expert_tier.group_name not in (ta.group_name, tb.group_name)
+        assert _generate(c, _prompts()) == reference
+        c.expert_tier.release()
+    finally:
+        ta.release()
+        tb.release()
+        ray.kill(registry)

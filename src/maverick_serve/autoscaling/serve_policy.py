@@ -272,7 +272,9 @@ class ClusterAutoscaler:
         self.learned = LearnedTargets(store or RayKvTargetStore())
         self.cfg = config.autoscaling
         self.costs = config.scaling_costs()
-        # The expert workers (one EP group shared by every engine replica) hold their part always.
+        self.group_costs = config.scaling_group_costs()  # expert groups that follow the engines
+        # Expert workers shared by every engine replica hold their part always; groups that follow
+        # the engines (experts.engines_per_group) are counted with the engine tier instead.
         self.budget = (
             None if self.cfg.gpu_budget is None else self.cfg.gpu_budget - config.fixed_scaling_units()
         )
@@ -306,6 +308,7 @@ class ClusterAutoscaler:
             {t: getattr(self.cfg, t).min_replicas for t in decisions},
             self.budget,
             self.cfg.give_up_first,
+            self.group_costs,
         )
         out: dict[Any, int] = {}
         state: dict[Any, dict[str, Any]] = {}

@@ -6,6 +6,7 @@ typo in a Serve YAML or Helm values file fails at build time with the field's pa
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -218,10 +219,12 @@ class ClusterConfig(BaseModel):
             self.experts.mode == "disaggregated"
             and getattr(self.experts.transport, "compiled", False)
             and self.resources.engine.replicas > 1
+            and self.experts.engines_per_group != 1
         ):
             raise ValueError(
                 "experts.transport.compiled binds the expert workers to one engine; with "
-                f"resources.engine.replicas={self.resources.engine.replicas} use compiled: false"
+                f"resources.engine.replicas={self.resources.engine.replicas} use compiled: false "
+                "or experts.engines_per_group: 1 (a group per engine replica)"
             )
         if self.disaggregation.enabled and (not self.kvtier.enabled or self.kvtier.store.type != "redis"):
             raise ValueError(
@@ -231,10 +234,14 @@ class ClusterConfig(BaseModel):
         a = self.autoscaling
         if a.enabled and a.gpu_budget is not None:
             costs, mins, fixed = self.scaling_costs(), self.scaling_minimums(), self.fixed_scaling_units()
-            floor = fixed + sum(mins[t] * costs[t] for t in costs)
+            groups = self.scaling_group_costs()
+            follow = sum(
+                math.ceil(mins.get(t, 0) / per) * cost for t, (per, cost) in groups.items() if t in mins
+            )
+            floor = fixed + follow + sum(mins[t] * costs[t] for t in costs)
             if floor > a.gpu_budget:
                 parts = ", ".join(f"{t} {mins[t]} x {costs[t]:g}" for t in costs if mins[t] * costs[t])
-                parts += f", expert workers {fixed:g}" if fixed else ""
+                parts += f", expert workers {fixed + follow:g}" if fixed + follow else ""
                 raise ValueError(
                     f"autoscaling.gpu_budget={a.gpu_budget:g} {a.budget_resource} cannot hold the tiers' "
                     f"min_replicas ({parts} = {floor:g}); raise it or lower autoscaling.*.min_replicas"
@@ -317,15 +324,27 @@ class ClusterConfig(BaseModel):
         }
         return {t: tiers[t] for t in self.scaled_tiers()}
 
-    def fixed_scaling_units(self) -> float:
-        """Budget units held whatever the replica counts: the disaggregated expert workers, one EP
-        group of `experts.ep_degree` named actors that every engine replica shares."""
+    def _expert_group_units(self) -> float:
         x, unit = self.experts, self.autoscaling.budget_resource
-        if x.mode != "disaggregated":
-            return 0.0
         return x.ep_degree * (
             x.worker_num_gpus if unit == "GPU" else x.worker_custom_resources.get(unit, 0.0)
         )
+
+    def fixed_scaling_units(self) -> float:
+        """Budget units held whatever the replica counts: the disaggregated expert workers when
+        they are one EP group of `experts.ep_degree` named actors that every engine replica shares."""
+        x = self.experts
+        if x.mode != "disaggregated" or x.engines_per_group is not None:
+            return 0.0
+        return self._expert_group_units()
+
+    def scaling_group_costs(self) -> dict[str, tuple[int, float]]:
+        """Tier -> (replicas per group, budget units per group) of what follows a tier's count:
+        with `experts.engines_per_group`, ceil(engines / it) EP groups of expert workers."""
+        x = self.experts
+        if x.mode != "disaggregated" or x.engines_per_group is None or "engine" not in self.scaled_tiers():
+            return {}
+        return {"engine": (x.engines_per_group, self._expert_group_units())}
 
     def scaling_minimums(self) -> dict[str, int]:
         return {t: getattr(self.autoscaling, t).min_replicas for t in self.scaled_tiers()}

@@ -83,6 +83,21 @@ class ExpertsConfig(BaseModel):
     )
     max_retries: int = Field(3, ge=0, description="Fail-overs tried for one MoE layer call before giving up.")
     name_prefix: str = Field("maverick-experts", description="Ray actor name prefix (shared tier lookup).")
+    engines_per_group: int | None = Field(
+        None,
+        ge=1,
+        description="Engine replicas one EP group of ep_degree workers serves: the tier then runs "
+        "ceil(engine replicas / this) groups, each started with the first engine replica that "
+        "needs it and stopped with the last one that leaves it, so the expert workers follow the "
+        "engine tier when it scales. None: one group that every engine replica shares, always up.",
+    )
+    group_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="With engines_per_group: an engine replica renews its place in its group this "
+        "often / 3; one that died without leaving is dropped after this, and its group stopped if "
+        "it was the last.",
+    )
     replace_dead_workers: bool = Field(
         True,
         description="Start a replacement for a dead expert worker in its placement-group bundle and "
@@ -96,4 +111,11 @@ class ExpertsConfig(BaseModel):
             raise ValueError("experts.ep_degree > 1 needs experts.mode: disaggregated")
         if self.worker_device.startswith("cuda") and self.worker_num_gpus == 0:
             raise ValueError("experts.worker_device is CUDA but experts.worker_num_gpus is 0")
+        if self.engines_per_group not in (None, 1) and (
+            self.transport.type == "nccl" or getattr(self.transport, "compiled", False)
+        ):
+            raise ValueError(
+                f"experts.engines_per_group={self.engines_per_group}: the {self.transport.type} "
+                "transport binds a group's workers to one engine; use engines_per_group: 1"
+            )
         return self

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from maverick_serve.config.experts import ExpertsConfig, NcclTransportConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.native.hooks import ExpertHooks, ExpertTierFactory
 from maverick_serve.experts.collective import CollectiveTransport
+from maverick_serve.experts.groups import ExpertGroupRegistry, group_pg_name, group_worker_name
 from maverick_serve.experts.placement import ExpertPlacement, PlacementError
 from maverick_serve.experts.rebalance import rebalanced
 from maverick_serve.experts.stats import ExpertLoadTracker
@@ -77,6 +80,14 @@ class ExpertTier(ExpertHooks):
         self._step_dispatch_s = 0.0  # this step's wait on expert workers, summed over MoE layers
         entries = [(p.layer, p.expert, p.workers) for p in cfg.placement]
         self.placement = ExpertPlacement.from_explicit(spec, cfg.ep_degree, entries)
+        # With engines_per_group the workers are this engine's group's (joined here, started by
+        # the first engine that joins it); otherwise the one group every engine replica shares.
+        self.member = uuid.uuid4().hex
+        self.registry: Any = None
+        self.group_name, self.group_slot = cfg.name_prefix, 0
+        self._heartbeat_stop = threading.Event()
+        if cfg.engines_per_group is not None:
+            self._join_group(ray)
         self.group = self._placement_group(ray)
         ray.get(self.group.ready(), timeout=120)
         self._worker_args = (str(model_dir), dtype)
@@ -101,6 +112,41 @@ class ExpertTier(ExpertHooks):
         self.rebalances = 0
         self.failovers = 0
 
+    def _join_group(self, ray: Any) -> None:
+        cfg = self.cfg
+        self.registry = (
+            ray.remote(ExpertGroupRegistry)
+            .options(name=f"{cfg.name_prefix}-groups", get_if_exists=True, lifetime="detached", num_cpus=0)
+            .remote(cfg.name_prefix, cfg.engines_per_group, cfg.group_lease_s, cfg.ep_degree)
+        )
+        self.group_name = ray.get(self.registry.join.remote(self.member), timeout=60)
+        self.group_slot = int(self.group_name.rsplit("-g", 1)[1].split(".")[0])
+        logger.info("engine %s uses expert group %s", self.member[:8], self.group_name)
+        threading.Thread(target=self._renew_lease, name="expert-group-lease", daemon=True).start()
+
+    def _renew_lease(self) -> None:
+        import ray
+
+        while not self._heartbeat_stop.wait(self.cfg.group_lease_s / 3):
+            try:
+                if not ray.get(self.registry.renew.remote(self.member), timeout=self.cfg.group_lease_s):
+                    logger.error(
+                        "expert group %s dropped this engine (its lease lapsed); its workers may stop",
+                        self.group_name,
+                    )
+            except Exception as exc:  # the registry busy or restarting: try again next time
+                logger.warning("expert group lease not renewed: %r", exc)
+
+    def release(self) -> None:
+        """Leave the group (the registry stops it if this was its last engine); shared: nothing."""
+        self._heartbeat_stop.set()
+        if self.registry is None:
+            return
+        import ray
+
+        with contextlib.suppress(Exception):  # the registry gone: the lease lapses instead
+            ray.get(self.registry.leave.remote(self.member), timeout=30)
+
     def _spawn(self, i: int) -> Any:
         """Worker `i` in bundle `i` of the tier's placement group: the one every engine replica
         sharing the tier finds by name (`get_if_exists`: the first to ask creates it)."""
@@ -114,7 +160,7 @@ class ExpertTier(ExpertHooks):
         return (
             ray.remote(ExpertWorker)
             .options(
-                name=f"{cfg.name_prefix}-{i}",
+                name=group_worker_name(self.group_name, i),
                 get_if_exists=True,
                 lifetime="detached",  # shared by every engine replica; outlives any one of them
                 num_cpus=cfg.worker_num_cpus,
@@ -137,7 +183,7 @@ class ExpertTier(ExpertHooks):
 
         from maverick_serve.experts.collective import CollectiveTransport
 
-        init = f"tcp://{ray.util.get_node_ip_address()}:{tcfg.master_port}"
+        init = f"tcp://{ray.util.get_node_ip_address()}:{tcfg.master_port + self.group_slot}"
         world = self.cfg.ep_degree + 1
         self._serving = [
             w.serve_collective.remote(init, i + 1, world, tcfg.backend, tcfg.timeout_s)
@@ -157,7 +203,7 @@ class ExpertTier(ExpertHooks):
         """One named group per tier: engine replicas sharing the tier find it instead of each
         reserving their own (the first creates it; a racing replica takes the winner's)."""
         cfg = self.cfg
-        name = f"{cfg.name_prefix}-pg"
+        name = group_pg_name(self.group_name)
         with contextlib.suppress(ValueError):
             return ray.util.get_placement_group(name)
         check_resources(cfg, ray.available_resources())
@@ -304,6 +350,9 @@ class ExpertTier(ExpertHooks):
             self.transport.stop_workers()
             ray.get(self._serving, timeout=30)
             dist.destroy_process_group()
+        if self.registry is not None:
+            self.release()  # other engines of the group may still use its workers
+            return
         for w in self.workers:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(w)

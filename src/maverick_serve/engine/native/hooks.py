@@ -72,8 +72,14 @@ class ExpertHooks(ABC):
       Returns the seconds the step's MoE layers spent waiting on the expert workers (traces).
     - `stats()` the expert fields of `EngineStats` (`expert_imbalance`, `expert_tokens`,
       `expert_rebalances_total`, `expert_failovers_total`, `expert_replacements_total`).
-    - `shutdown()` releases workers this engine owns.
+    - `shutdown()` stops the workers this engine uses (tests and benchmarks that own the tier).
+    - `release()` when the engine stops serving (its replica is stopped): gives up its place in
+      a tier that follows the engines (the tier stops workers no engine uses any more); a tier
+      shared by every engine replica stays up. Never raises.
     """
+
+    def release(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """See the class contract."""
 
     @abstractmethod
     def attach(self, model: Llama4Model) -> None: ...

@@ -41,6 +41,8 @@ class NativeServingEngine(ServingEngine):
 
     def shutdown(self) -> None:
         self.runner.shutdown(timeout_s=1.0)
+        if self.native.expert_tier is not None:
+            self.native.expert_tier.release()  # a group that follows the engines may stop now
 
     def cache_view(self) -> CacheView:
         return self._cache_view
