@@ -94,3 +94,12 @@ def test_transports_bound_to_one_engine_take_one_engine_per_group(transport: dic
         ClusterConfig.model_validate(_cluster(engines_per_group=2, transport=transport))
     ok = ClusterConfig.model_validate(_cluster(engines_per_group=1, transport=transport))
     assert ok.experts.engines_per_group == 1
+
+
+def test_prefill_replicas_join_groups_too_and_the_budget_counts_theirs() -> None:
+    cfg = _cluster(engines_per_group=1)
+    cfg["kvtier"] = {"store": {"type": "redis"}}
+    cfg["disaggregation"] = {"enabled": True, "prefill": {"custom_resources": {"fake_gpu": 1}}}
+    cfg["autoscaling"]["gpu_budget"] = 20  # type: ignore[index]
+    config = ClusterConfig.model_validate(cfg)
+    assert config.scaling_group_costs() == {"engine": (1, 2.0), "prefill": (1, 2.0)}

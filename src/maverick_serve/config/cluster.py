@@ -340,11 +340,14 @@ class ClusterConfig(BaseModel):
 
     def scaling_group_costs(self) -> dict[str, tuple[int, float]]:
         """Tier -> (replicas per group, budget units per group) of what follows a tier's count:
-        with `experts.engines_per_group`, ceil(engines / it) EP groups of expert workers."""
+        with `experts.engines_per_group`, EP groups of expert workers for the engine replicas and
+        the prefill replicas (both run the model). Counted per tier, ceil(n / per) each: at least
+        the groups the two tiers fill together, so the budget is never exceeded."""
         x = self.experts
-        if x.mode != "disaggregated" or x.engines_per_group is None or "engine" not in self.scaled_tiers():
+        if x.mode != "disaggregated" or x.engines_per_group is None:
             return {}
-        return {"engine": (x.engines_per_group, self._expert_group_units())}
+        group = (x.engines_per_group, self._expert_group_units())
+        return {tier: group for tier in ("engine", "prefill") if tier in self.scaled_tiers()}
 
     def scaling_minimums(self) -> dict[str, int]:
         return {t: getattr(self.autoscaling, t).min_replicas for t in self.scaled_tiers()}
