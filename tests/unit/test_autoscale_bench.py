@@ -65,6 +65,13 @@ def test_variants_differ_only_in_how_engines_are_sized() -> None:
     assert "autoscaling_policy" not in app
     (override,) = app["deployments"]
     assert override["name"] == ENGINE_DEPLOYMENT and "policy" not in override["autoscaling_config"]
+    assert not ours.autoscaling.engine.learn_capacity.enabled
+    learned, body = variant_config(base, "maverick-learned", 1, 3, slo_ttft_s=0.8)
+    engine = learned.autoscaling.engine
+    assert engine.learn_capacity.enabled and engine.slo_ttft_p95_s == 0.8
+    assert engine.learn_capacity.interval_s == 2 * learned.autoscaling.signal_window_s
+    kwargs = body["applications"][0]["autoscaling_policy"]["policy_kwargs"]
+    assert kwargs["cluster"]["autoscaling"]["engine"]["learn_capacity"]["enabled"] is True
 
 
 def test_bad_cli_input_is_named(capsys: pytest.CaptureFixture[str]) -> None:

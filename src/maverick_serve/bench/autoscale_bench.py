@@ -30,7 +30,7 @@ from maverick_serve.net import free_port
 from maverick_serve.serving.builder import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, serve_application
 from maverick_serve.serving.local_cluster import dashboard_auth_headers, put_serve_config, wait_ready
 
-VARIANTS = ("fixed-min", "fixed-max", "serve-default", "maverick")
+VARIANTS = ("fixed-min", "fixed-max", "serve-default", "maverick", "maverick-learned")
 # (seconds, requests per second): quiet, burst, quiet, burst, quiet.
 DEFAULT_TRACE = ((15.0, 0.5), (40.0, 4.0), (30.0, 0.5), (30.0, 4.0), (25.0, 0.5))
 
@@ -87,10 +87,22 @@ class VariantResult:
 
 
 def variant_config(
-    base: ClusterConfig, variant: str, lo: int, hi: int
+    base: ClusterConfig, variant: str, lo: int, hi: int, slo_ttft_s: float = 1.0
 ) -> tuple[ClusterConfig, dict[str, Any]]:
-    """The ClusterConfig and the Serve config body of one variant."""
+    """The ClusterConfig and the Serve config body of one variant. `maverick-learned` is ours
+    with the engine's target learned against the TTFT SLO, judged every 2 latency windows (the
+    shortest the config allows) so that a short trace sees it move."""
     tier = base.autoscaling.engine.model_copy(update={"min_replicas": lo, "max_replicas": hi})
+    if variant == "maverick-learned":
+        learn = tier.learn_capacity.model_copy(
+            update={
+                "enabled": True,
+                "interval_s": 2 * base.autoscaling.signal_window_s,
+                "min_target": min(0.5, tier.target_per_replica),
+                "max_target": max(16.0, tier.target_per_replica),
+            }
+        )
+        tier = tier.model_copy(update={"slo_ttft_p95_s": slo_ttft_s, "learn_capacity": learn})
     scaling = base.autoscaling.model_copy(update={"engine": tier})
     if variant in ("fixed-min", "fixed-max"):
         replicas = lo if variant == "fixed-min" else hi
@@ -233,13 +245,14 @@ def run_variant(
     trace: tuple[tuple[float, float], ...],
     max_tokens: int,
     seed: int,
+    slo_ttft_s: float = 1.0,
 ) -> VariantResult:
     import ray
     from ray import serve
 
     dash, port = free_port(), free_port()
     base = base.model_copy(update={"http": base.http.model_copy(update={"port": port})})
-    cfg, body = variant_config(base, variant, lo, hi)
+    cfg, body = variant_config(base, variant, lo, hi, slo_ttft_s)
     os.environ.update(cfg.serve_runtime.environment(port))  # read by every Ray process at start
     ray.init(
         num_cpus=8,

@@ -265,7 +265,14 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
         print(f"{variant}: {sum(s for s, _ in trace):.0f} s bursty trace ...", flush=True)
         results.append(
             run_variant(
-                base, variant, args.min_replicas, args.max_replicas, trace, args.max_tokens, args.seed
+                base,
+                variant,
+                args.min_replicas,
+                args.max_replicas,
+                trace,
+                args.max_tokens,
+                args.seed,
+                args.slo_ttft_s,
             )
         )
     print(format_table(results, args.slo_ttft_s))
