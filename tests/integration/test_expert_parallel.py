@@ -257,14 +257,15 @@ def _gone(name: str) -> bool:
 def test_expert_groups_follow_the_engines(tiny_model: Path, reference: dict[str, list[int]]) -> None:
     """engines_per_group: 1: each engine starts its own EP group; the group stops with its engine
     (left, or its lease lapsed), the other engine keeps its workers and its tokens."""
-    from maverick_serve.experts.groups import group_worker_name
+    from maverick_serve.experts.groups import group_worker_name, registry_name
 
     cfg = _experts(2, engines_per_group=1, group_lease_s=6)
     a = load_native_engine(tiny_model, ENGINE, cfg)
     b = load_native_engine(tiny_model, ENGINE, cfg)
     ta, tb = a.expert_tier, b.expert_tier
     assert ta is not None and tb is not None
-    registry = ray.get_actor(f"{cfg.name_prefix}-groups")
+    assert cfg.engines_per_group is not None
+    registry = ray.get_actor(registry_name(cfg.name_prefix, cfg.engines_per_group, cfg.group_lease_s, 2))
     try:
         assert ta.group_name != tb.group_name
         assert ray.get(registry.groups.remote()) == {ta.group_name: [ta.member], tb.group_name: [tb.member]}

@@ -13,7 +13,7 @@ import ray
 from ray import serve
 
 from maverick_serve.config.cluster import ClusterConfig
-from maverick_serve.experts.groups import group_worker_name
+from maverick_serve.experts.groups import group_worker_name, registry_name
 from maverick_serve.serving.builder import build_app
 from serve_helpers import serve_app
 
@@ -58,7 +58,9 @@ def test_expert_groups_follow_engine_replicas_in_serve(tiny_model: Path) -> None
     prefix = f"serve-groups-{uuid.uuid4().hex[:6]}"
     with serve_app(_config(tiny_model, prefix, 2), "groups") as url:
         first = [_complete(url) for _ in range(4)]
-        registry = ray.get_actor(f"{prefix}-groups")
+        x = _config(tiny_model, prefix, 2).experts
+        assert x.engines_per_group is not None
+        registry = ray.get_actor(registry_name(prefix, x.engines_per_group, x.group_lease_s, x.ep_degree))
         groups = ray.get(registry.groups.remote())
         assert len(groups) == 2 and all(len(m) == 1 for m in groups.values())  # a group per engine
         served = [

@@ -103,3 +103,31 @@ def test_prefill_replicas_join_groups_too_and_the_budget_counts_theirs() -> None
     cfg["autoscaling"]["gpu_budget"] = 20  # type: ignore[index]
     config = ClusterConfig.model_validate(cfg)
     assert config.scaling_group_costs() == {"engine": (1, 2.0), "prefill": (1, 2.0)}
+
+
+def test_budget_and_fit_count_a_group_per_replica_after_scale_down_and_packed_groups_at_start() -> None:
+    from maverick_serve.serving.builder import required_resources
+
+    config = ClusterConfig.model_validate(_cluster(engines_per_group=2))
+    # Groups are not repacked when replicas leave: 2 replicas may hold 2 half-empty groups.
+    assert config.scaling_group_costs() == {"engine": (1, 2.0)}
+    book = GroupBook("x", engines_per_group=2, lease_s=30)
+    for member in "abcd":
+        book.join(member, 0)
+    book.leave("b", 1)
+    book.leave("c", 1)
+    assert len(book.snapshot()) == 2  # the case the budget must hold
+    resources = {"engine": {"replicas": 3}, "check_cluster_fit": False}
+    start = ClusterConfig.model_validate({**_cluster(engines_per_group=2), "resources": resources})
+    shared = ClusterConfig.model_validate({**_cluster(), "resources": resources})
+    # 3 engine replicas packed 2 per group at start: 2 groups of 2 workers (1 CPU each), not 1.
+    assert required_resources(start)["CPU"] - required_resources(shared)["CPU"] == 2.0
+
+
+def test_a_restarted_registry_never_hands_out_a_live_groups_name() -> None:
+    from maverick_serve.experts.groups import registry_name
+
+    first = GroupBook("x", 1, 30, token="aaaaaa")
+    second = GroupBook("x", 1, 30, token="bbbbbb")  # the registry started again: generations restart
+    assert first.join("m", 0)[0] != second.join("n", 0)[0]
+    assert registry_name("x", 1, 30, 2) != registry_name("x", 2, 30, 2)  # new settings, new registry

@@ -341,12 +341,13 @@ class ClusterConfig(BaseModel):
     def scaling_group_costs(self) -> dict[str, tuple[int, float]]:
         """Tier -> (replicas per group, budget units per group) of what follows a tier's count:
         with `experts.engines_per_group`, EP groups of expert workers for the engine replicas and
-        the prefill replicas (both run the model). Counted per tier, ceil(n / per) each: at least
-        the groups the two tiers fill together, so the budget is never exceeded."""
+        the prefill replicas (both run the model). Counted as one group per replica: groups are
+        not repacked when replicas leave, so after a scale-down each remaining replica may hold a
+        group of its own, and the budget must hold that case."""
         x = self.experts
         if x.mode != "disaggregated" or x.engines_per_group is None:
             return {}
-        group = (x.engines_per_group, self._expert_group_units())
+        group = (1, self._expert_group_units())
         return {tier: group for tier in ("engine", "prefill") if tier in self.scaled_tiers()}
 
     def scaling_minimums(self) -> dict[str, int]:

@@ -9,18 +9,28 @@ workers come and go with them, a whole EP group at a time.
 
 `GroupBook` is the bookkeeping (pure, a clock passed in); `ExpertGroupRegistry` runs it as one
 named, detached Ray actor per tier and stops emptied groups' workers. Every group start gets a
-new generation in its name, so a group started again never finds a dying actor of an earlier
-one under the same name.
+new generation (and the registry's own token) in its name, so a group started again never finds
+a dying actor of an earlier one under the same name, not even after the registry was restarted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
+
+
+def registry_name(prefix: str, engines_per_group: int, lease_s: float, ep_degree: int) -> str:
+    """The registry of a tier with these settings: a redeploy that changes them gets a registry
+    of its own instead of one still holding the old settings (Ray's `get_if_exists` ignores the
+    arguments of an actor that exists)."""
+    digest = hashlib.sha256(f"{engines_per_group}/{lease_s}/{ep_degree}".encode()).hexdigest()[:8]
+    return f"{prefix}-groups-{digest}"
 
 
 def group_worker_name(group: str, worker: int) -> str:
@@ -42,8 +52,9 @@ class GroupBook:
     per start); `leave` and `reap` return the names of groups left without members, which the
     caller stops; a member whose lease lapsed is dropped as if it had left."""
 
-    def __init__(self, prefix: str, engines_per_group: int, lease_s: float) -> None:
+    def __init__(self, prefix: str, engines_per_group: int, lease_s: float, token: str = "") -> None:
         self.prefix = prefix
+        self.token = token  # per registry instance: a restarted registry never reuses a live name
         self.capacity = engines_per_group
         self.lease_s = lease_s
         self.groups: dict[int, _Group] = {}  # slot -> group (slots are reused, names are not)
@@ -59,7 +70,8 @@ class GroupBook:
                 return group.name, emptied
         slot = next(i for i in range(len(self.groups) + 1) if i not in self.groups)
         self.generation += 1
-        group = _Group(f"{self.prefix}-g{slot}.{self.generation}", {member: now + self.lease_s})
+        name = f"{self.prefix}-g{slot}.{self.generation}{self.token}"
+        group = _Group(name, {member: now + self.lease_s})
         self.groups[slot] = group
         return group.name, emptied
 
@@ -96,7 +108,7 @@ class ExpertGroupRegistry:
     and placement group of every group it finds emptied."""
 
     def __init__(self, prefix: str, engines_per_group: int, lease_s: float, ep_degree: int) -> None:
-        self.book = GroupBook(prefix, engines_per_group, lease_s)
+        self.book = GroupBook(prefix, engines_per_group, lease_s, token=uuid.uuid4().hex[:6])
         self.ep_degree = ep_degree
         self.stopped: list[str] = []
 

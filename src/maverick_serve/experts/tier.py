@@ -20,7 +20,7 @@ from maverick_serve.config.experts import ExpertsConfig, NcclTransportConfig
 from maverick_serve.config.model import ModelSpec
 from maverick_serve.engine.native.hooks import ExpertHooks, ExpertTierFactory
 from maverick_serve.experts.collective import CollectiveTransport
-from maverick_serve.experts.groups import ExpertGroupRegistry, group_pg_name, group_worker_name
+from maverick_serve.experts.groups import ExpertGroupRegistry, group_pg_name, group_worker_name, registry_name
 from maverick_serve.experts.placement import ExpertPlacement, PlacementError
 from maverick_serve.experts.rebalance import rebalanced
 from maverick_serve.experts.stats import ExpertLoadTracker
@@ -86,8 +86,17 @@ class ExpertTier(ExpertHooks):
         self.registry: Any = None
         self.group_name, self.group_slot = cfg.name_prefix, 0
         self._heartbeat_stop = threading.Event()
+        self.lost_group = False  # the registry dropped this engine: its workers may be gone
         if cfg.engines_per_group is not None:
             self._join_group(ray)
+        try:
+            self._start(ray, model_dir, spec, dtype)
+        except BaseException:
+            self.release()  # a failed start gives its place back instead of renewing it forever
+            raise
+
+    def _start(self, ray: Any, model_dir: Path, spec: ModelSpec, dtype: str) -> None:
+        cfg = self.cfg
         self.group = self._placement_group(ray)
         ray.get(self.group.ready(), timeout=120)
         self._worker_args = (str(model_dir), dtype)
@@ -114,9 +123,15 @@ class ExpertTier(ExpertHooks):
 
     def _join_group(self, ray: Any) -> None:
         cfg = self.cfg
+        assert cfg.engines_per_group is not None
         self.registry = (
             ray.remote(ExpertGroupRegistry)
-            .options(name=f"{cfg.name_prefix}-groups", get_if_exists=True, lifetime="detached", num_cpus=0)
+            .options(
+                name=registry_name(cfg.name_prefix, cfg.engines_per_group, cfg.group_lease_s, cfg.ep_degree),
+                get_if_exists=True,
+                lifetime="detached",
+                num_cpus=0,
+            )
             .remote(cfg.name_prefix, cfg.engines_per_group, cfg.group_lease_s, cfg.ep_degree)
         )
         self.group_name = ray.get(self.registry.join.remote(self.member), timeout=60)
@@ -130,10 +145,14 @@ class ExpertTier(ExpertHooks):
         while not self._heartbeat_stop.wait(self.cfg.group_lease_s / 3):
             try:
                 if not ray.get(self.registry.renew.remote(self.member), timeout=self.cfg.group_lease_s):
+                    # Its workers are stopped or about to be: fail the next MoE layer so the engine
+                    # reports an error and Serve replaces the replica (which joins afresh).
+                    self.lost_group = True
                     logger.error(
-                        "expert group %s dropped this engine (its lease lapsed); its workers may stop",
+                        "expert group %s dropped this engine (its lease lapsed); failing its steps",
                         self.group_name,
                     )
+                    return
             except Exception as exc:  # the registry busy or restarting: try again next time
                 logger.warning("expert group lease not renewed: %r", exc)
 
@@ -227,6 +246,8 @@ class ExpertTier(ExpertHooks):
             ff.experts = RemoteExperts(self.run_layer, layer)
 
     def run_layer(self, layer: int, tokens: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if self.lost_group:
+            raise RuntimeError(f"expert group {self.group_name} dropped this engine (its lease lapsed)")
         self.tracker.record(layer, expert_ids)
         started = time.perf_counter()
         for attempt in range(self.cfg.max_retries + 1):

@@ -7,6 +7,7 @@ here, so nothing is decorated at import time.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray import serve
@@ -195,6 +196,10 @@ def required_resources(config: ClusterConfig) -> dict[str, float]:
     r, e, x = config.resources.router, config.resources.engine, config.experts
     p = config.disaggregation.prefill if config.disaggregation.enabled else None
     workers = x.ep_degree if x.mode == "disaggregated" else 0
+    if workers and x.engines_per_group is not None:  # groups follow the replicas: at start, packed
+        workers *= math.ceil(e.replicas / x.engines_per_group) + (
+            math.ceil(p.replicas / x.engines_per_group) if p else 0
+        )
     routers = 0 if config.router.colocated else r.replicas  # colocated: inside the engine replicas
     return {
         "CPU": routers * r.num_cpus
