@@ -62,3 +62,14 @@ def serve_app(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def actor_gone(name: str) -> bool:
+    """No live named actor `name` in this driver's namespace (stopped, or never started)."""
+    import ray
+
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return True
+    return False

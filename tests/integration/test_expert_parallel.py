@@ -18,6 +18,7 @@ from maverick_serve.engine.types import EngineRequest, SamplingParams
 from maverick_serve.experts.placement import PlacementError
 from maverick_serve.net import free_port
 from maverick_serve.serving.engine_factory import load_native_engine
+from serve_helpers import actor_gone
 
 ENGINE = NativeEngineConfig(kv_cache_memory_gib=0.05, max_num_batched_tokens=128)
 
@@ -246,14 +247,6 @@ def test_rebalance_between_steps_mid_generation(tiny_model: Path, reference: dic
         tier.shutdown()
 
 
-def _gone(name: str) -> bool:
-    try:
-        ray.get_actor(name)
-    except ValueError:
-        return True
-    return False
-
-
 def test_expert_groups_follow_the_engines(tiny_model: Path, reference: dict[str, list[int]]) -> None:
     """engines_per_group: 1: each engine starts its own EP group; the group stops with its engine
     (left, or its lease lapsed), the other engine keeps its workers and its tokens."""
@@ -272,8 +265,8 @@ def test_expert_groups_follow_the_engines(tiny_model: Path, reference: dict[str,
         assert _generate(a, _prompts()) == reference and _generate(b, _prompts()) == reference
         ta.release()  # engine a's replica stopped (scale-down): its group goes, b's stays
         assert ray.get(registry.stopped_groups.remote()) == [ta.group_name]
-        assert all(_gone(group_worker_name(ta.group_name, i)) for i in range(2))
-        assert not any(_gone(group_worker_name(tb.group_name, i)) for i in range(2))
+        assert all(actor_gone(group_worker_name(ta.group_name, i)) for i in range(2))
+        assert not any(actor_gone(group_worker_name(tb.group_name, i)) for i in range(2))
         assert _generate(b, _prompts()) == reference
         # Engine b dies without leaving (its lease stops being renewed): its group is stopped once
         # the lease lapses, on the registry's next call.
@@ -281,7 +274,7 @@ def test_expert_groups_follow_the_engines(tiny_model: Path, reference: dict[str,
         time.sleep(6.5)
         assert ray.get(registry.groups.remote()) == {}
         assert ray.get(registry.stopped_groups.remote()) == [ta.group_name, tb.group_name]
-        assert all(_gone(group_worker_name(tb.group_name, i)) for i in range(2))
+        assert all(actor_gone(group_worker_name(tb.group_name, i)) for i in range(2))
         # A new engine (scale-up) starts a group again, under a new name, and serves the same tokens.
         c = load_native_engine(tiny_model, ENGINE, cfg)
         assert c.expert_tier is not None and c.expert_tier.group_name not in (ta.group_name, tb.group_name)

@@ -15,7 +15,7 @@ from ray import serve
 from maverick_serve.config.cluster import ClusterConfig
 from maverick_serve.experts.groups import group_worker_name, registry_name
 from maverick_serve.serving.builder import build_app
-from serve_helpers import serve_app
+from serve_helpers import actor_gone, serve_app
 
 PROMPT = [1920, *range(100, 130)]
 
@@ -46,14 +46,6 @@ def _complete(url: str) -> str:
     return str(r.json()["choices"][0]["text"])
 
 
-def _gone(name: str) -> bool:
-    try:
-        ray.get_actor(name)
-    except ValueError:
-        return True
-    return False
-
-
 def test_expert_groups_follow_engine_replicas_in_serve(tiny_model: Path) -> None:
     prefix = f"serve-groups-{uuid.uuid4().hex[:6]}"
     with serve_app(_config(tiny_model, prefix, 2), "groups") as url:
@@ -80,5 +72,5 @@ def test_expert_groups_follow_engine_replicas_in_serve(tiny_model: Path) -> None
         stopped = ray.get(registry.stopped_groups.remote())
         assert len(left) == 1, left
         assert stopped and not set(stopped) & set(left)
-        assert all(_gone(group_worker_name(g, i)) for g in stopped for i in range(2))
+        assert all(actor_gone(group_worker_name(g, i)) for g in stopped for i in range(2))
         assert [_complete(url) for _ in range(2)] == first[:2]  # same tokens on the remaining group
