@@ -42,6 +42,11 @@ def test_packed_experts_equal_the_grouped_matmul_path() -> None:
         experts.down_proj.normal_()
     tokens, ids = torch.randn(9, 32), torch.tensor([3, 0, 0, 2, 3, 3, 1, 0, 2])
     expected = grouped_expert_forward(tokens, ids, experts.gate_up_proj, experts.down_proj)
+    # The grouping both paths share, against each row through its own expert one by one.
+    for row, expert in enumerate(ids.tolist()):
+        gate, up = (tokens[row] @ experts.gate_up_proj[expert]).chunk(2)
+        one_row = (up * torch.nn.functional.silu(gate)) @ experts.down_proj[expert]
+        torch.testing.assert_close(expected[row], one_row, rtol=1e-5, atol=1e-5)
     experts.pack_cpu_gemms()
     assert experts.packed is not None and len(experts.packed) == 4
     torch.testing.assert_close(experts.run_experts(tokens, ids), expected, rtol=1e-4, atol=1e-3)

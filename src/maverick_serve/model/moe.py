@@ -7,6 +7,7 @@ them off the engine replica (to other GPUs or hosts) without touching the model 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,6 +61,27 @@ class LocalExperts(nn.Module, ExpertExecutor):
         return grouped_expert_forward(tokens, expert_ids, self.gate_up_proj, self.down_proj)
 
 
+def _per_expert(
+    tokens: torch.Tensor, expert_ids: torch.Tensor, swiglu: Callable[[int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Rows grouped by expert id, `swiglu(expert, rows)` once per expert that has rows, results
+    back in the rows' order. Per-op work counts here: a decode step of 16 tokens meets every
+    expert of every MoE layer with one or two rows each, so the groups' results go out with one
+    `index_copy_` instead of one scatter per expert."""
+    if tokens.shape[0] == 0:
+        return torch.empty_like(tokens)
+    order = torch.argsort(expert_ids, stable=True)
+    sorted_tokens = tokens.index_select(0, order)
+    outs = []
+    start = 0
+    for expert, count in enumerate(torch.bincount(expert_ids).tolist()):
+        if count:
+            outs.append(swiglu(expert, sorted_tokens[start : start + count]))
+            start += count
+    sorted_out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return torch.empty_like(tokens).index_copy_(0, order, sorted_out)
+
+
 def grouped_expert_forward(
     tokens: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -68,49 +90,26 @@ def grouped_expert_forward(
     expert_offset: int = 0,
 ) -> torch.Tensor:
     """SwiGLU experts over rows grouped by expert. `expert_offset` maps global ids to local rows."""
-    out = torch.empty_like(tokens)
-    if tokens.shape[0] == 0:
-        return out
-    order = torch.argsort(expert_ids, stable=True)
-    sorted_ids = expert_ids[order]
-    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    sorted_tokens = tokens[order]
-    start = 0
-    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
-        rows = sorted_tokens[start : start + count]
-        gate_up = rows @ gate_up_proj[expert - expert_offset]
-        gate, up = gate_up.chunk(2, dim=-1)
-        out[order[start : start + count]] = (up * nn.functional.silu(gate)) @ down_proj[
-            expert - expert_offset
-        ]
-        start += count
-    return out
+
+    def swiglu(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = (rows @ gate_up_proj[expert - expert_offset]).chunk(2, dim=-1)
+        return (up * nn.functional.silu(gate)) @ down_proj[expert - expert_offset]
+
+    return _per_expert(tokens, expert_ids, swiglu)
 
 
 def packed_expert_forward(
     tokens: torch.Tensor, expert_ids: torch.Tensor, packed: list[tuple[PackedGemm, PackedGemm]]
 ) -> torch.Tensor:
-    """`grouped_expert_forward` over per-expert packed oneDNN weights (see `cpu_gemm`).
+    """`grouped_expert_forward` over per-expert packed oneDNN weights (see `cpu_gemm`); SwiGLU in
+    place on the gate GEMM's fresh output."""
 
-    Per-op work counts here: a decode step of 16 tokens meets every expert of every MoE layer
-    with one or two rows each, so the groups' results go out with one `index_copy_` instead of
-    one scatter per expert, and SwiGLU runs in place."""
-    if tokens.shape[0] == 0:
-        return torch.empty_like(tokens)
-    order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=len(packed)).tolist()
-    sorted_tokens = tokens.index_select(0, order)
-    outs = []
-    start = 0
-    for expert, count in enumerate(counts):
-        if not count:
-            continue
+    def swiglu(expert: int, rows: torch.Tensor) -> torch.Tensor:
         gate_up, down = packed[expert]
-        gate, up = gate_up(sorted_tokens[start : start + count]).chunk(2, dim=-1)
-        outs.append(down(nn.functional.silu(gate).mul_(up)))
-        start += count
-    sorted_out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return torch.empty_like(tokens).index_copy_(0, order, sorted_out)
+        gate, up = gate_up(rows).chunk(2, dim=-1)
+        return down(nn.functional.silu(gate).mul_(up))
+
+    return _per_expert(tokens, expert_ids, swiglu)
 
 
 class Router(nn.Module):
